@@ -1,0 +1,426 @@
+"""Configuration objects: frozen dataclasses, validated on construction, round-tripped through JSON.
+
+Each quantization method is a config type (:class:`QuantizationConfig` for static QDQ int8,
+:class:`WeightOnlyConfig` for int4/int8 weight-only ``MatMulNBits``); the quantizer dispatches on the type.
+:class:`AutoQuantizationConfig` and :class:`AutoCalibrationConfig` keep Optimum's names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from ortq.errors import ConfigError
+
+
+class QuantType(str, enum.Enum):
+    """Integer type of a quantized tensor."""
+
+    QInt8 = "int8"
+    QUInt8 = "uint8"
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return (-128, 127) if self is QuantType.QInt8 else (0, 255)
+
+
+class CalibrationMethod(str, enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per_tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per output channel. ``axis`` is resolved per op when None (MatMul: 1, Gemm: 0 or 1, Conv: 0)."""
+
+    axis: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per_channel", "axis": self.axis}
+
+
+Granularity = PerTensor | PerChannel
+
+
+def _granularity_from_dict(d: dict[str, Any]) -> Granularity:
+    kind = d.get("type")
+    if kind == "per_tensor":
+        return PerTensor()
+    if kind == "per_channel":
+        return PerChannel(d.get("axis"))
+    raise ConfigError(f"unknown granularity {d!r}; expected per_tensor or per_channel")
+
+
+def _enum(cls: type[enum.Enum], value: Any, what: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"invalid {what} {value!r}; choose one of: {choices}") from None
+
+
+def _check_keys(cls: type, data: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - {"kind"})
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How activation ranges are estimated.
+
+    Attributes:
+        method: minmax, percentile or entropy (KL divergence).
+        num_samples: at most this many calibration samples are used (None: all).
+        batch_size: samples per ONNX Runtime run while collecting statistics.
+        moving_average: minmax only; exponential moving average of per-batch min/max.
+        averaging_constant: weight of the newest batch in the moving average (0 < c <= 1).
+        percentile: percentile only; the kept share of |x| mass, in percent (0 < p <= 100).
+        num_bins: histogram bins (percentile, entropy).
+        num_quantized_bins: entropy only; bins of the quantized distribution (e.g. 128 for int8 symmetric).
+        symmetric: entropy/percentile: search a symmetric range [-t, t] rather than [lo, hi].
+        exclude_padding: positions masked out by ``attention_mask`` do not enter the statistics.
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    num_samples: int | None = None
+    batch_size: int = 16
+    moving_average: bool = False
+    averaging_constant: float = 0.01
+    percentile: float = 99.999
+    num_bins: int = 2048
+    num_quantized_bins: int = 128
+    symmetric: bool = False
+    exclude_padding: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _enum(CalibrationMethod, self.method, "calibration method"))
+        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 1):
+            raise ConfigError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not 0.0 < float(self.averaging_constant) <= 1.0:
+            raise ConfigError(f"averaging_constant must be in (0, 1], got {self.averaging_constant!r}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if not isinstance(self.num_bins, int) or self.num_bins < 16:
+            raise ConfigError(f"num_bins must be an integer >= 16, got {self.num_bins!r}")
+        if not isinstance(self.num_quantized_bins, int) or not 2 <= self.num_quantized_bins <= self.num_bins:
+            raise ConfigError(
+                f"num_quantized_bins must be an integer in [2, num_bins={self.num_bins}], "
+                f"got {self.num_quantized_bins!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
+        _check_keys(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
+DEFAULT_OPERATORS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Static (calibrated) int8 quantization with QDQ nodes.
+
+    Attributes:
+        activations_dtype: uint8 (asymmetric, the CPU EP's fast path) or int8.
+        activations_symmetric: symmetric activation ranges (zero point 0).
+        weights_dtype: int8 or uint8.
+        weights_symmetric: symmetric weights (zero point 0); required by most int8 kernels.
+        weights_granularity: :class:`PerTensor` or :class:`PerChannel`.
+        reduce_range: 7-bit weights, avoiding the u8s8 saturation of AVX2 / AVX512 without VNNI.
+        operators_to_quantize: op types whose inputs get QDQ pairs.
+        nodes_to_exclude: node names (or fnmatch patterns) kept in float.
+        smooth_quant_alpha: SmoothQuant migration strength for MatMuls fed by LayerNorm (None: off).
+        preset: the name of the preset this config came from, for reports.
+    """
+
+    activations_dtype: QuantType = QuantType.QUInt8
+    activations_symmetric: bool = False
+    weights_dtype: QuantType = QuantType.QInt8
+    weights_symmetric: bool = True
+    weights_granularity: Granularity = field(default_factory=PerChannel)
+    reduce_range: bool = False
+    operators_to_quantize: tuple[str, ...] = DEFAULT_OPERATORS
+    nodes_to_exclude: tuple[str, ...] = ()
+    smooth_quant_alpha: float | None = None
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activations_dtype", _enum(QuantType, self.activations_dtype, "activations dtype"))
+        object.__setattr__(self, "weights_dtype", _enum(QuantType, self.weights_dtype, "weights dtype"))
+        if isinstance(self.weights_granularity, dict):
+            object.__setattr__(self, "weights_granularity", _granularity_from_dict(self.weights_granularity))
+        if not isinstance(self.weights_granularity, (PerTensor, PerChannel)):
+            raise ConfigError(f"weights_granularity must be PerTensor() or PerChannel(), got {self.weights_granularity!r}")
+        object.__setattr__(self, "operators_to_quantize", tuple(self.operators_to_quantize))
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if not self.operators_to_quantize:
+            raise ConfigError("operators_to_quantize is empty: nothing would be quantized")
+        if self.smooth_quant_alpha is not None and not 0.0 <= float(self.smooth_quant_alpha) <= 1.0:
+            raise ConfigError(f"smooth_quant_alpha must be in [0, 1], got {self.smooth_quant_alpha!r}")
+
+    @property
+    def is_static(self) -> bool:
+        return True
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.weights_granularity, PerChannel)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = "static_int8"
+        d["activations_dtype"] = self.activations_dtype.value
+        d["weights_dtype"] = self.weights_dtype.value
+        d["weights_granularity"] = self.weights_granularity.to_dict()
+        d["operators_to_quantize"] = list(self.operators_to_quantize)
+        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
+        _check_keys(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
+class WeightOnlyAlgorithm(str, enum.Enum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Weight-only quantization of MatMul weights to ``com.microsoft.MatMulNBits`` (and embeddings to
+    ``GatherBlockQuantized``).
+
+    Attributes:
+        bits: 4 (or 8) bits per weight.
+        block_size: weights per scale along the input dimension (power of two, >= 16).
+        symmetric: symmetric blocks (no zero points).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations, the fast CPU path).
+        algorithm: rtn (round to nearest with a clipping search) or a data-aware algorithm.
+        quantize_embeddings: embedding Gathers become ``GatherBlockQuantized``.
+        int8_nodes: node-name patterns (fnmatch) quantized to 8 bits instead.
+        auto_int8_sensitive: also keep the most sensitive layers (e.g. lm_head) at 8 bits.
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int | None = 4
+    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.RTN
+    quantize_embeddings: bool = True
+    int8_nodes: tuple[str, ...] = ()
+    auto_int8_sensitive: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
+        object.__setattr__(self, "int8_nodes", tuple(self.int8_nodes))
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.bits not in (4, 8):
+            raise ConfigError(f"bits must be 4 or 8, got {self.bits!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, got {bs!r}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"accuracy_level must be 0-4, got {self.accuracy_level!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = "weight_only"
+        d["algorithm"] = self.algorithm.value
+        d["int8_nodes"] = list(self.int8_nodes)
+        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightOnlyConfig:
+        _check_keys(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
+AnyQuantizationConfig = QuantizationConfig | WeightOnlyConfig
+
+
+def config_from_dict(data: dict[str, Any]) -> AnyQuantizationConfig:
+    kind = data.get("kind", "static_int8")
+    if kind == "static_int8":
+        return QuantizationConfig.from_dict(data)
+    if kind == "weight_only":
+        return WeightOnlyConfig.from_dict(data)
+    raise ConfigError(f"unknown quantization config kind {kind!r}")
+
+
+def _static_only(is_static: bool, preset: str) -> None:
+    if not is_static:
+        raise ConfigError(
+            f"{preset}: dynamic quantization is not offered; use is_static=True (calibrated QDQ int8) "
+            "or WeightOnlyConfig for weight-only int4"
+        )
+
+
+class AutoQuantizationConfig:
+    """Named presets, with Optimum's names. Each returns a :class:`QuantizationConfig`."""
+
+    @staticmethod
+    def avx2(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
+        """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights against vpmaddubsw saturation."""
+        _static_only(is_static, "avx2")
+        return QuantizationConfig(
+            weights_granularity=PerChannel() if per_channel else PerTensor(),
+            reduce_range=reduce_range,
+            preset="avx2",
+            **kwargs,
+        )
+
+    @staticmethod
+    def avx512(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
+        """AVX512 without VNNI: same saturation hazard as AVX2."""
+        _static_only(is_static, "avx512")
+        return QuantizationConfig(
+            weights_granularity=PerChannel() if per_channel else PerTensor(),
+            reduce_range=reduce_range,
+            preset="avx512",
+            **kwargs,
+        )
+
+    @staticmethod
+    def avx512_vnni(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+        """x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8."""
+        _static_only(is_static, "avx512_vnni")
+        return QuantizationConfig(
+            weights_granularity=PerChannel() if per_channel else PerTensor(), preset="avx512_vnni", **kwargs
+        )
+
+    @staticmethod
+    def arm64(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+        """ARM64 (NEON / dot product): u8 activations, s8 weights."""
+        _static_only(is_static, "arm64")
+        return QuantizationConfig(
+            weights_granularity=PerChannel() if per_channel else PerTensor(), preset="arm64", **kwargs
+        )
+
+    @staticmethod
+    def tensorrt(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+        """TensorRT: s8s8, symmetric activations and weights."""
+        _static_only(is_static, "tensorrt")
+        return QuantizationConfig(
+            activations_dtype=QuantType.QInt8,
+            activations_symmetric=True,
+            weights_granularity=PerChannel() if per_channel else PerTensor(),
+            preset="tensorrt",
+            **kwargs,
+        )
+
+    @staticmethod
+    def cuda(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+        """CUDA EP: s8s8 symmetric QDQ."""
+        _static_only(is_static, "cuda")
+        return QuantizationConfig(
+            activations_dtype=QuantType.QInt8,
+            activations_symmetric=True,
+            weights_granularity=PerChannel() if per_channel else PerTensor(),
+            preset="cuda",
+            **kwargs,
+        )
+
+    @staticmethod
+    def weight_only(bits: int = 4, block_size: int = 32, **kwargs: Any) -> WeightOnlyConfig:
+        return WeightOnlyConfig(bits=bits, block_size=block_size, **kwargs)
+
+    @staticmethod
+    def for_host(**kwargs: Any) -> QuantizationConfig:
+        """The preset that suits this machine's CPU."""
+        from ortq.hostinfo import cpu_features
+
+        feats = cpu_features()
+        if feats.get("amx") or feats.get("avx512_vnni") or feats.get("avx_vnni"):
+            return AutoQuantizationConfig.avx512_vnni(**kwargs)
+        if feats.get("neon"):
+            return AutoQuantizationConfig.arm64(**kwargs)
+        if feats.get("avx512"):
+            return AutoQuantizationConfig.avx512(**kwargs)
+        return AutoQuantizationConfig.avx2(**kwargs)
+
+    PRESETS = ("avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "cuda")
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs: Any) -> QuantizationConfig:
+        if name == "auto":
+            return cls.for_host(**kwargs)
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: auto, {', '.join(cls.PRESETS)}")
+        return getattr(cls, name)(**kwargs)
+
+
+class AutoCalibrationConfig:
+    """Calibration configs with Optimum's names. ``dataset`` is accepted for compatibility; its length caps
+    ``num_samples`` when given."""
+
+    @staticmethod
+    def _n(dataset: Any, num_samples: int | None) -> int | None:
+        if num_samples is not None:
+            return num_samples
+        try:
+            return len(dataset) if dataset is not None else None
+        except TypeError:
+            return None
+
+    @staticmethod
+    def minmax(dataset: Any = None, moving_average: bool = False, averaging_constant: float = 0.01, **kwargs: Any):
+        return CalibrationConfig(
+            method=CalibrationMethod.MINMAX,
+            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
+            moving_average=moving_average,
+            averaging_constant=averaging_constant,
+            **kwargs,
+        )
+
+    @staticmethod
+    def percentiles(dataset: Any = None, percentile: float = 99.999, num_bins: int = 2048, **kwargs: Any):
+        return CalibrationConfig(
+            method=CalibrationMethod.PERCENTILE,
+            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
+            percentile=percentile,
+            num_bins=num_bins,
+            **kwargs,
+        )
+
+    @staticmethod
+    def entropy(dataset: Any = None, num_bins: int = 2048, num_quantized_bins: int = 128, **kwargs: Any):
+        return CalibrationConfig(
+            method=CalibrationMethod.ENTROPY,
+            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
+            num_bins=num_bins,
+            num_quantized_bins=num_quantized_bins,
+            **kwargs,
+        )
+
+    @staticmethod
+    def from_method(method: str, **kwargs: Any) -> CalibrationConfig:
+        m = _enum(CalibrationMethod, method, "calibration method")
+        return CalibrationConfig(method=m, **kwargs)
