@@ -1,0 +1,188 @@
+"""Model loading and atomic output: nothing partial is ever left at the destination, inputs are never touched."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from ortq.errors import ModelError, OutputError
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILENAME = "model.onnx"
+# Protobuf cannot serialize a single message over 2 GiB; above this, weights go to an external data file.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MIN_OPSET = 10
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """Return the ``.onnx`` file for ``path``: the file itself, or ``model.onnx`` inside an exported folder."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / MODEL_FILENAME] + sorted(p.glob("*.onnx"))
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ModelError(f"{p}: folder holds no model.onnx (export one with `ortq export`)")
+    if not p.exists():
+        raise ModelError(f"{p}: no such file or folder")
+    if not p.is_file():
+        raise ModelError(f"{p}: not a regular file")
+    return p
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX model, turning every failure into a one-line :class:`ModelError`."""
+    p = resolve_model_path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{p}: external data file missing ({exc.filename or exc})") from exc
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
+        raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{p}: the ONNX graph has no nodes")
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD else str(p))
+    except Exception as exc:
+        raise ModelError(f"{p}: invalid ONNX model ({_first_line(exc)})") from exc
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise ModelError(
+            f"{p}: opset {opset} is too old for QDQ quantization (need >= {MIN_OPSET}); "
+            "upgrade it with onnx.version_converter"
+        )
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one protobuf."""
+    p = Path(path)
+    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model, str(p), save_as_external_data=True, all_tensors_to_one_file=True, location=p.name + ".data"
+        )
+    else:
+        onnx.save_model(model, str(p))
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output_dir(output: str | os.PathLike, *, inputs: tuple[Path, ...] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that equals or contains an input, or that exists without ``overwrite``."""
+    out = Path(output)
+    for inp in inputs:
+        inp = Path(inp)
+        if _same_path(out, inp) or _same_path(out, inp.parent if inp.is_file() else inp):
+            raise OutputError(f"{out}: output equals the input; choose another --output")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot create parent folder ({exc.strerror})") from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: parent folder {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output``; on success it replaces ``output`` in one rename.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is removed and ``output`` is left as
+    it was. Disk-full and permission errors become :class:`OutputError`.
+    """
+    out = Path(output).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write here ({exc.strerror})") from exc
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"{out}: no space left on device; nothing was written") from exc
+        raise OutputError(f"{out}: cannot write output ({exc.strerror or exc}); nothing was written") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "config.json",
+    "generation_config.json",
+)
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy tokenizer and config files of an exported folder (not the model) to ``dst_dir``."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src_dir / name
+        if f.is_file():
+            shutil.copy2(f, dst_dir / name)
+            copied.append(name)
+    return copied
