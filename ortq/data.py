@@ -73,28 +73,59 @@ def _sentences(text: str) -> Iterator[str]:
         for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat):
             s = s.strip()
             words = s.split()
-            if not 6 <= len(words) <= 60:
+            if not 5 <= len(words) <= 80:
                 continue
             letters = sum(c.isalpha() or c.isspace() for c in s)
-            if letters / len(s) < 0.85:
+            if letters / len(s) < 0.8:
                 continue
             yield s
 
 
+_DOC_MODULES = (
+    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+    "email", "enum", "fractions", "functools", "heapq", "http.client", "inspect", "io", "itertools", "json",
+    "logging", "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse",
+    "uuid", "zipfile",
+)
+
+
+def _documents() -> Iterator[str]:
+    """Python's reference topics, then the docstrings of common standard-library modules."""
+    import importlib
+    import inspect
+
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+    for name in _DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        yield inspect.getdoc(mod) or ""
+        for attr in sorted(vars(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr)
+            if getattr(obj, "__module__", None) == mod.__name__ and (inspect.isfunction(obj) or inspect.isclass(obj)):
+                yield inspect.getdoc(obj) or ""
+
+
 def real_text(split: str = "calibration", num_samples: int | None = None) -> list[str]:
-    """Real English sentences from Python's own documentation (``pydoc_data``), available offline.
+    """Real English sentences from Python's own documentation (``pydoc_data`` and standard-library
+    docstrings), available offline on any Python installation.
 
     ``split`` is ``"calibration"`` or ``"heldout"``; the two are disjoint (a stable hash of each sentence
     decides, one in five goes to heldout) and each is in a fixed order.
     """
     if split not in ("calibration", "heldout"):
         raise CalibrationDataError(f"unknown split {split!r}; use 'calibration' or 'heldout'")
-    from pydoc_data.topics import topics
-
     seen = set()
     out = []
-    for key in sorted(topics):
-        for s in _sentences(topics[key]):
+    for doc in _documents():
+        for s in _sentences(doc):
             if s in seen:
                 continue
             seen.add(s)
