@@ -152,6 +152,9 @@ class QuantizationConfig:
         reduce_range: 7-bit weights, avoiding the u8s8 saturation of AVX2 / AVX512 without VNNI.
         operators_to_quantize: op types whose inputs get QDQ pairs.
         nodes_to_exclude: node names (or fnmatch patterns) kept in float.
+        quantize_activation_matmuls: also quantize MatMuls whose both inputs are activations (attention
+            scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
+            more than the int8 kernel saves, and they carry most of the error.
         smooth_quant_alpha: SmoothQuant migration strength for MatMuls fed by LayerNorm (None: off).
         preset: the name of the preset this config came from, for reports.
     """
@@ -164,6 +167,7 @@ class QuantizationConfig:
     reduce_range: bool = False
     operators_to_quantize: tuple[str, ...] = DEFAULT_OPERATORS
     nodes_to_exclude: tuple[str, ...] = ()
+    quantize_activation_matmuls: bool = False
     smooth_quant_alpha: float | None = None
     preset: str | None = None
 
@@ -332,6 +336,7 @@ class AutoQuantizationConfig:
             activations_dtype=QuantType.QInt8,
             activations_symmetric=True,
             weights_granularity=PerChannel() if per_channel else PerTensor(),
+            quantize_activation_matmuls=kwargs.pop("quantize_activation_matmuls", True),
             preset="tensorrt",
             **kwargs,
         )
@@ -344,6 +349,7 @@ class AutoQuantizationConfig:
             activations_dtype=QuantType.QInt8,
             activations_symmetric=True,
             weights_granularity=PerChannel() if per_channel else PerTensor(),
+            quantize_activation_matmuls=kwargs.pop("quantize_activation_matmuls", True),
             preset="cuda",
             **kwargs,
         )

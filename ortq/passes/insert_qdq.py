@@ -64,8 +64,10 @@ def insert_qdq(model: ir.Model, plan: QuantPlan) -> ir.Model:
         q.outputs[0].name = _unique(names, f"{name}_quantized")
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=_unique(names, f"{name}_DequantizeLinear"))
         dq.outputs[0].name = _unique(names, f"{name}_dequantized")
-        dq.outputs[0].dtype = value.dtype
-        dq.outputs[0].shape = value.shape
+        if value.dtype is not None:
+            dq.outputs[0].dtype = value.dtype
+        if value.shape is not None:
+            dq.outputs[0].shape = value.shape
         producer = value.producer()
         if producer is None:
             graph.insert_before(graph.node(0), [q, dq])

@@ -169,6 +169,14 @@ def _is_float(value: ir.Value) -> bool:
     return value.dtype in _FLOAT_TYPES if value.dtype is not None else True
 
 
+def _skips_activation_matmul(node: ir.Node, roles: list[InputRole], config: QuantizationConfig) -> bool:
+    return (
+        not config.quantize_activation_matmuls
+        and node.op_type == "MatMul"
+        and all(r.kind == "activation" for r in roles)
+    )
+
+
 def calibration_targets(model: ir.Model, config: QuantizationConfig) -> list[str]:
     """Activation tensors whose ranges calibration must estimate for ``config``."""
     graph = model.graph
@@ -181,7 +189,10 @@ def calibration_targets(model: ir.Model, config: QuantizationConfig) -> list[str
         rule = OP_RULES.get(node.op_type)
         if rule is None or _excluded(node.name, config.nodes_to_exclude):
             continue
-        for role in rule(node):
+        roles = rule(node)
+        if _skips_activation_matmul(node, roles, config):
+            continue
+        for role in roles:
             v = node.inputs[role.index]
             if role.kind == "activation" and v is not None and v.name not in masked and _is_float(v):
                 names[v.name] = None
@@ -301,6 +312,8 @@ def _decide(
     if _excluded(node.name, config.nodes_to_exclude):
         return keep("excluded by nodes_to_exclude")
     roles = rule(node)
+    if _skips_activation_matmul(node, roles, config):
+        return keep("MatMul of two activations (attention): faster and more accurate in float on CPU")
     acts, weights = {}, {}
     for role in roles:
         v = node.inputs[role.index]
