@@ -403,7 +403,7 @@ def load_batches(
         if all(isinstance(x, str) for x in items):
             return text_batches(items, "data")
         if all(isinstance(x, Mapping) for x in items):
-            as_feeds = all(set(x) == set(specs) and not isinstance(next(iter(x.values())), str) for x in items)
+            as_feeds = all(x and all(isinstance(v, np.ndarray) for v in x.values()) for x in items)
             if as_feeds:
                 feeds = [_check_feeds(x, specs, "data") for x in items]
                 if num_samples is not None:

@@ -1,0 +1,306 @@
+"""The ``ortq`` command: export | quantize | validate | run.
+
+Every error a user can cause ends in one line, ``error: ...``, and a non-zero exit; ``--debug`` shows the
+traceback. SIGINT and SIGTERM stop the run without leaving outputs or temporary files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ortq.errors import ConfigError, Interrupted, OrtqError
+
+logger = logging.getLogger("ortq")
+
+EXIT_INTERNAL = 3
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    items = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as cpu,cuda")
+    return items
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error:`` line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ortq.export import export
+
+    result = export(args.model, args.output, task=args.task, opset=args.opset, overwrite=args.overwrite)
+    print(f"exported {result.path} (task {result.task}, max abs diff vs torch {result.max_abs_diff:.2e})")
+    return 0
+
+
+def _weight_only_config(args: argparse.Namespace):
+    from ortq.config import WeightOnlyConfig
+
+    bits = {"int4": 4, "int8": 8}[args.weight_only]
+    return WeightOnlyConfig(
+        bits=bits,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        accuracy_level=args.accuracy_level,
+        algorithm=args.algorithm,
+        int8_nodes=tuple(args.int8_nodes or ()),
+        nodes_to_exclude=tuple(args.exclude or ()),
+    )
+
+
+def _static_config(args: argparse.Namespace):
+    from ortq.config import AutoQuantizationConfig
+
+    kwargs: dict[str, Any] = {"per_channel": not args.per_tensor}
+    if args.exclude:
+        kwargs["nodes_to_exclude"] = tuple(args.exclude)
+    if args.operators:
+        kwargs["operators_to_quantize"] = tuple(args.operators.split(","))
+    if args.smooth_quant is not None:
+        kwargs["smooth_quant_alpha"] = args.smooth_quant
+    return AutoQuantizationConfig.from_name(args.preset, **kwargs)
+
+
+def _default_calibration_data(input_path: Path, num_samples: int | None) -> Any:
+    """Without --calibration-data, text models calibrate on real offline English sentences."""
+    from ortq.data import real_text
+
+    folder = input_path if input_path.is_dir() else input_path.parent
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(
+            "--calibration-data is required for a model without tokenizer files "
+            "(give .npz arrays keyed by graph input name, or a text/jsonl file for an exported folder)"
+        )
+    logger.info("no --calibration-data: using real English sentences shipped with Python")
+    return real_text("calibration", num_samples or 256)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from ortq.config import AutoCalibrationConfig
+    from ortq.quantizer import ORTQuantizer
+
+    quantizer = ORTQuantizer.from_pretrained(args.input)
+    if args.weight_only:
+        config = _weight_only_config(args)
+        data = args.calibration_data
+        path = quantizer.quantize(config, args.output, calibration_data=data, overwrite=args.overwrite)
+    else:
+        config = _static_config(args)
+        calib = AutoCalibrationConfig.from_method(
+            args.method, num_samples=args.num_samples, batch_size=args.batch_size
+        )
+        data = args.calibration_data or _default_calibration_data(Path(args.input), args.num_samples)
+        path = quantizer.quantize(
+            config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite
+        )
+    report = quantizer.last_report or {}
+    plan = report.get("plan", {})
+    if plan:
+        print(
+            f"wrote {path}: {plan.get('num_quantized', 0)} of {plan.get('num_nodes', 0)} nodes quantized "
+            f"(preset {getattr(config, 'preset', None)}); plan in {Path(path).parent / 'quantization_report.json'}"
+        )
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from ortq.validate import Thresholds, validate
+
+    thresholds = Thresholds(
+        min_cosine=args.min_cosine,
+        min_sqnr_db=args.min_sqnr,
+        max_latency_ratio=args.max_latency_ratio,
+        max_abs_error=args.max_abs_error,
+    )
+    report = validate(
+        args.quantized,
+        args.reference,
+        data=args.data,
+        providers=args.providers,
+        require=args.require or (),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        thresholds=thresholds,
+        report_dir=args.report_dir,
+    )
+    print(report.to_markdown())
+    if not report.ok:
+        for v in report.violations:
+            print(f"error: {v}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ortq.pipeline import run_recipe
+
+    result = run_recipe(
+        args.recipe,
+        work_dir=args.work_dir,
+        num_samples=args.num_samples,
+        with_int4=not args.no_int4,
+        overwrite=True,
+    )
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ortq", description="Export, quantize and validate ONNX models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("export", help="export a Hugging Face folder / name to ONNX")
+    p.add_argument("model", help="a Hugging Face model folder, or a model name in the local cache")
+    p.add_argument("--output", "-o", required=True, help="output folder (model.onnx + tokenizer files)")
+    p.add_argument("--task", choices=["feature-extraction", "text-classification", "causal-lm"])
+    p.add_argument("--opset", type=_positive_int, default=17)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="quantize an ONNX model (static QDQ int8 or weight-only int4)")
+    p.add_argument("input", help="a .onnx file or an exported folder")
+    p.add_argument("--output", "-o", required=True, help="output folder; gets model.onnx")
+    p.add_argument(
+        "--calibration-data",
+        help="txt / jsonl / csv / parquet / npz (default for text models: real English sentences)",
+    )
+    p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    p.add_argument("--num-samples", type=_positive_int, help="calibration samples to use")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "cuda"],
+        help="int8 preset (auto: detect this CPU)",
+    )
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales")
+    p.add_argument("--operators", help="comma-separated op types to quantize (default MatMul,Gemm,Conv)")
+    p.add_argument("--exclude", action="append", metavar="NODE", help="node name or glob kept in float")
+    p.add_argument("--smooth-quant", type=_float, metavar="ALPHA", help="SmoothQuant strength in [0, 1]")
+    p.add_argument("--weight-only", choices=["int4", "int8"], help="weight-only MatMulNBits instead of QDQ")
+    p.add_argument("--block-size", type=_positive_int, default=32)
+    p.add_argument("--symmetric", action="store_true", help="symmetric weight-only blocks")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4)
+    p.add_argument("--algorithm", default="rtn", help="weight-only algorithm (rtn, gptq, awq)")
+    p.add_argument("--int8-nodes", action="append", metavar="NODE", help="weight-only: keep these at 8 bits")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("validate", help="compare a quantized model with its fp32 reference")
+    p.add_argument("quantized", help="quantized .onnx or folder")
+    p.add_argument("--reference", required=True, help="fp32 .onnx or folder")
+    p.add_argument("--data", help="held-out data (default for text models: held-out real sentences)")
+    p.add_argument("--providers", type=_providers, default=("cpu",), help="e.g. cpu,cuda,tensorrt")
+    p.add_argument("--require", type=_providers, help="providers that must be available")
+    p.add_argument("--num-samples", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--report-dir", help="write report.json, report.md and report.png here")
+    p.add_argument("--min-cosine", type=_float)
+    p.add_argument("--min-sqnr", type=_float, help="minimum SQNR in dB")
+    p.add_argument("--max-latency-ratio", type=_float, help="maximum quantized / fp32 median latency")
+    p.add_argument("--max-abs-error", type=_float)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="export -> quantize -> validate a recipe from graphs/")
+    p.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: minilm)")
+    p.add_argument("--work-dir", help="keep outputs here (default: a temporary folder)")
+    p.add_argument("--num-samples", type=_positive_int, help="calibration samples")
+    p.add_argument("--no-int4", action="store_true", help="skip the int4 weight-only row")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupt():
+    """SIGTERM behaves like Ctrl-C, so the same cleanup paths run."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    try:
+        with _signals_raise_interrupt():
+            code = args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return Interrupted.exit_code
+    except OrtqError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        print("error: out of memory; use fewer --num-samples or a smaller --batch-size", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # a bug: one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug", file=sys.stderr)
+        return EXIT_INTERNAL
+    logger.debug("done in %.1f s", time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
