@@ -1,0 +1,313 @@
+"""Block-wise integer weight quantization in numpy: round-to-nearest with a per-block scale search, GPTQ,
+and the bit packing that ONNX Runtime's ``MatMulNBits`` / ``GatherBlockQuantized`` kernels read.
+
+Conventions (shared by both kernels):
+  * a weight is handled as a matrix ``w`` of shape ``[rows, k]`` quantized along ``k`` in blocks of
+    ``block_size`` (``k`` is zero-padded to a whole number of blocks);
+  * codes ``q`` are unsigned, ``0 .. 2**bits - 1``; ``value = (q - zero_point) * scale``;
+  * symmetric blocks store no zero point: the kernels use ``2**(bits - 1)`` (8 for 4 bits);
+  * 4-bit codes are packed two per byte along ``k``, the first in the low nibble; 4-bit zero points are
+    packed the same way per row (``[rows, ceil(n_blocks / 2)]``); 8-bit codes and zero points are bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Shrink ratios tried by the clipping search (1.0 = plain min/max).
+_SHRINK = np.linspace(1.0, 0.55, 19, dtype=np.float32)
+_CHUNK_ELEMS = 1 << 21  # elements per vectorized chunk of blocks
+
+
+@dataclass
+class BlockQuantized:
+    """A matrix quantized block-wise along its last axis.
+
+    Attributes:
+        q: uint8 codes ``[rows, n_blocks * block_size]`` (padded columns hold the zero point).
+        scales: float32 ``[rows, n_blocks]``.
+        zero_points: uint8 ``[rows, n_blocks]``, or None for symmetric blocks (implicit ``2**(bits-1)``).
+        bits: 4 or 8.
+        block_size: elements per block.
+        k: the unpadded length of the quantized axis.
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix ``[rows, k]`` these codes stand for."""
+        rows = self.q.shape[0]
+        zp = self.zero_points if self.zero_points is not None else np.full_like(self.q[:, :1], 1 << (self.bits - 1))
+        q = self.q.reshape(rows, self.n_blocks, self.block_size).astype(np.float32)
+        zpf = np.broadcast_to(zp, (rows, self.n_blocks)).astype(np.float32)
+        w = (q - zpf[..., None]) * self.scales[..., None]
+        return w.reshape(rows, -1)[:, : self.k]
+
+    def packed_codes(self) -> np.ndarray:
+        """Codes packed as ``MatMulNBits`` input B: uint8 ``[rows, n_blocks, block_size * bits / 8]``."""
+        rows = self.q.shape[0]
+        return pack(self.q, self.bits).reshape(rows, self.n_blocks, -1)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """Zero points as both kernels read them: ``[rows, ceil(n_blocks * bits / 8)]`` uint8."""
+        if self.zero_points is None:
+            return None
+        return pack(self.zero_points, self.bits)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (codes, fp32 scales, packed zero points)."""
+        zp = self.packed_zero_points()
+        return self.q.size * self.bits // 8 + self.scales.nbytes + (zp.nbytes if zp is not None else 0)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis (4 bits: two per byte, first in the low nibble; odd lengths
+    are padded with 0)."""
+    q = np.asarray(q, dtype=np.uint8)
+    if bits == 8:
+        return q.copy()
+    if bits != 4:
+        raise ValueError(f"unsupported bits {bits}")
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
+
+
+def unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack` for ``length`` codes along the last axis."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        return packed[..., :length].copy()
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :length]
+
+
+def _pad_cols(w: np.ndarray, block_size: int) -> np.ndarray:
+    k = w.shape[-1]
+    pad = -k % block_size
+    if pad:
+        w = np.concatenate([w, np.zeros(w.shape[:-1] + (pad,), w.dtype)], axis=-1)
+    return w
+
+
+def _search_blocks(
+    x: np.ndarray, h: np.ndarray | None, bits: int, symmetric: bool, search: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Quantize blocks ``x [B, bs]``; ``h`` (broadcastable to x) weights the squared error.
+
+    Returns codes ``[B, bs]``, scales ``[B]`` and zero points ``[B]`` (None when symmetric).
+    """
+    qmax = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    ratios = _SHRINK if search else _SHRINK[:1]
+    best_err = np.full(x.shape[0], np.inf, np.float32)
+    best_s = np.zeros(x.shape[0], np.float32)
+    best_z = np.zeros(x.shape[0], np.float32)
+    if symmetric:
+        # The extreme value maps to -half (the side with one more level); its sign may flip the scale.
+        idx = np.abs(x).argmax(axis=1)
+        ext = x[np.arange(x.shape[0]), idx]
+        cands = [(r, -half) for r in ratios]
+        if search:
+            cands += [(1.0, half - 1), (1.0, -(half - 0.5))]
+        for r, level in cands:
+            s = (ext * r / level).astype(np.float32)
+            s_safe = np.where(s == 0, 1.0, s)
+            qs = np.clip(np.rint(x / s_safe[:, None]), -half, half - 1)
+            d = x - qs * s[:, None]
+            err = ((d * d) * h).sum(axis=1) if h is not None else (d * d).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+        best_z[:] = half
+    else:
+        lo = np.minimum(x.min(axis=1), 0.0)
+        hi = np.maximum(x.max(axis=1), 0.0)
+        for r in ratios:
+            s = ((hi - lo) * r / qmax).astype(np.float32)
+            s_safe = np.where(s == 0, 1.0, s)
+            z = np.clip(np.rint(-lo * r / s_safe), 0, qmax)
+            qs = np.clip(np.rint(x / s_safe[:, None]) + z[:, None], 0, qmax)
+            d = x - (qs - z[:, None]) * s[:, None]
+            err = ((d * d) * h).sum(axis=1) if h is not None else (d * d).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+    if search:
+        # Least-squares refit of the scale for the chosen codes, kept only where it lowers the error.
+        for _ in range(2):
+            s_safe = np.where(best_s == 0, 1.0, best_s)
+            lo_q, hi_q = (0, qmax)
+            qs = np.clip(np.rint(x / s_safe[:, None]) + best_z[:, None], lo_q, hi_q) - best_z[:, None]
+            hw = h if h is not None else 1.0
+            num = (hw * x * qs).sum(axis=1)
+            den = (hw * qs * qs).sum(axis=1)
+            s_new = np.where(den > 0, num / np.where(den > 0, den, 1.0), best_s).astype(np.float32)
+            s_new_safe = np.where(s_new == 0, 1.0, s_new)
+            qn = np.clip(np.rint(x / s_new_safe[:, None]) + best_z[:, None], lo_q, hi_q) - best_z[:, None]
+            d = x - qn * s_new[:, None]
+            err = ((d * d) * h).sum(axis=1) if h is not None else (d * d).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s_new, best_s)
+    s_safe = np.where(best_s == 0, 1.0, best_s)
+    q = np.clip(np.rint(x / s_safe[:, None]) + best_z[:, None], 0, qmax).astype(np.uint8)
+    q[best_s == 0] = best_z[best_s == 0, None].astype(np.uint8)
+    return q, best_s, (None if symmetric else best_z.astype(np.uint8))
+
+
+def quantize_rtn(
+    w: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    *,
+    search: bool = True,
+    importance: np.ndarray | None = None,
+) -> BlockQuantized:
+    """Round-to-nearest block quantization of ``w [rows, k]`` along ``k``.
+
+    Args:
+        w: float matrix.
+        bits: 4 or 8.
+        block_size: elements per block.
+        symmetric: no zero points (the kernels' default zero point ``2**(bits-1)`` applies).
+        search: try shrunken ranges per block and refit the scale by least squares, keeping whichever gives
+            the lowest (weighted) squared error; False is plain min/max.
+        importance: optional non-negative weights ``[k]`` of each input channel in the error (e.g. the mean
+            square of the activations feeding it).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows, k = w.shape
+    wp = _pad_cols(w, block_size)
+    nb = wp.shape[1] // block_size
+    blocks = wp.reshape(rows * nb, block_size)
+    hb = None
+    if importance is not None:
+        imp = _pad_cols(np.asarray(importance, np.float32)[None, :], block_size).reshape(nb, block_size)
+        imp = imp / max(float(imp.mean()), 1e-30)
+        hb = np.tile(imp, (rows, 1))
+    q = np.empty_like(blocks, dtype=np.uint8)
+    scales = np.empty(rows * nb, np.float32)
+    zps = None if symmetric else np.empty(rows * nb, np.uint8)
+    step = max(1, _CHUNK_ELEMS // block_size)
+    for i in range(0, blocks.shape[0], step):
+        sl = slice(i, i + step)
+        qi, si, zi = _search_blocks(blocks[sl], None if hb is None else hb[sl], bits, symmetric, search)
+        q[sl], scales[sl] = qi, si
+        if zps is not None:
+            zps[sl] = zi
+    return BlockQuantized(
+        q=q.reshape(rows, nb * block_size),
+        scales=scales.reshape(rows, nb),
+        zero_points=None if zps is None else zps.reshape(rows, nb),
+        bits=bits,
+        block_size=block_size,
+        k=k,
+    )
+
+
+def quantize_gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    *,
+    damp: float = 0.01,
+    search: bool = True,
+    lazy_batch: int = 128,
+) -> BlockQuantized:
+    """GPTQ (Frantar et al., 2022): quantize ``w [rows, k]`` column by column along ``k``, spreading each
+    column's rounding error over the columns not yet quantized through the inverse Hessian ``X^T X``.
+
+    Block scales and zero points are chosen (with the same search as :func:`quantize_rtn`) on the
+    error-updated weights when the first column of each block is reached.
+
+    Args:
+        w: float matrix ``[rows, k]`` (rows = output channels).
+        hessian: ``[k, k]`` sum of ``x x^T`` over calibration activations ``x`` (any positive multiple).
+        damp: diagonal dampening as a fraction of the mean diagonal.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    rows, k = w.shape
+    wp = _pad_cols(w, block_size).copy()
+    kp = wp.shape[1]
+    nb = kp // block_size
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = hessian
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    wp[:, dead] = 0.0
+    H[np.diag_indices(kp)] += damp * float(np.mean(np.diag(H)))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+
+    q = np.empty((rows, kp), np.uint8)
+    scales = np.empty((rows, nb), np.float32)
+    zps = None if symmetric else np.empty((rows, nb), np.uint8)
+    half = 1 << (bits - 1)
+    qmax = (1 << bits) - 1
+    lazy = max(lazy_batch // block_size, 1) * block_size
+    diag_h = np.diag(H)
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
+        W1 = wp[:, i1:i2].copy()
+        Err = np.zeros_like(W1)
+        Hb = Hinv[i1:i2, i1:i2]
+        s_cur = z_cur = None
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % block_size == 0:
+                g = col // block_size
+                blk = W1[:, j : j + block_size].astype(np.float32)
+                imp = diag_h[col : col + block_size].astype(np.float32)
+                imp = imp / max(float(imp.mean()), 1e-30)
+                _, s_g, z_g = _search_blocks(blk, imp[None, :], bits, symmetric, search)
+                scales[:, g] = s_g
+                z_f = np.full(rows, half, np.float64) if z_g is None else z_g.astype(np.float64)
+                if zps is not None:
+                    zps[:, g] = z_g
+                s_cur = np.where(s_g == 0, 1.0, s_g).astype(np.float64)
+                z_cur = z_f
+                s_raw = s_g.astype(np.float64)
+            wc = W1[:, j]
+            qc = np.clip(np.rint(wc / s_cur) + z_cur, 0, qmax)
+            qc = np.where(s_raw == 0, z_cur, qc)
+            q[:, col] = qc.astype(np.uint8)
+            dq = (qc - z_cur) * s_raw
+            err = (wc - dq) / Hb[j, j]
+            W1[:, j:] -= np.outer(err, Hb[j, j:])
+            Err[:, j] = err
+        wp[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return BlockQuantized(q=q, scales=scales, zero_points=zps, bits=bits, block_size=block_size, k=k)
+
+
+def on_grid(w: np.ndarray, bits: int, block_size: int, symmetric: bool, rng: np.random.Generator) -> np.ndarray:
+    """A random matrix whose values lie exactly on a block-wise ``bits`` grid (for round-trip tests):
+    every block uses its lowest and highest code, so a min/max quantizer recovers it exactly."""
+    rows, k = w.shape
+    nb = -(-k // block_size)
+    qmax = (1 << bits) - 1
+    q = rng.integers(0, qmax + 1, (rows, nb, block_size))
+    if symmetric:
+        q[:, :, 0] = 0
+        z = np.full((rows, nb, 1), 1 << (bits - 1))
+    else:
+        q[:, :, 0], q[:, :, 1] = 0, qmax
+        z = rng.integers(1, qmax, (rows, nb, 1))
+    s = (2.0 ** rng.integers(-8, -3, (rows, nb, 1))).astype(np.float32)
+    return ((q - z) * s).reshape(rows, -1)[:, :k].astype(np.float32)

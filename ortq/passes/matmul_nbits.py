@@ -1,0 +1,396 @@
+"""Weight-only quantization: ``MatMul`` with a constant weight -> ``com.microsoft.MatMulNBits``, embedding
+``Gather`` -> ``com.microsoft.GatherBlockQuantized``.
+
+``MatMulNBits`` (ONNX Runtime contrib op) computes ``A @ dequant(B).T`` for a weight stored transposed,
+``[N, K]``, quantized along K in blocks: input B is uint8 ``[N, n_blocks, block_size * bits / 8]``
+(4-bit codes two per byte, low nibble first), scales float ``[N, n_blocks]``, optional zero points uint8
+``[N, ceil(n_blocks * bits / 8)]`` (absent: ``2**(bits - 1)``), optional bias ``[N]`` (input 5);
+attributes ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level`` (4: int8 activations, the fast
+CPU path).
+
+Algorithms: ``rtn`` (round to nearest with a per-block clipping search and least-squares scale refit; with
+calibration data the search weighs each input channel by its mean square activation) and ``gptq`` (needs
+calibration data). Layers matched by ``int8_nodes``, and with ``auto_int8_sensitive`` the output projection
+(``lm_head``: a MatMul whose result is a graph output, or whose weight is a tied embedding table), use 8 bits.
+A tied embedding / ``lm_head`` pair is stored once: the Gather reads the ``MatMulNBits`` codes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
+from ortq.errors import CalibrationDataError, ConfigError
+from ortq.passes._int4 import BlockQuantized, quantize_gptq, quantize_rtn
+from ortq.passes.gather_quant import MS_DOMAIN, drop_unused_initializers, gather_table, replace_gather, swap_output
+
+logger = logging.getLogger(__name__)
+
+MIN_EMBEDDING_ELEMENTS = 1 << 18  # smaller tables (positions, token types) stay in float
+_PASSTHROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"}
+
+
+@dataclass
+class _MatMulSite:
+    node: ir.Node
+    weight: ir.Value  # [K, N] initializer
+    w: np.ndarray  # [K, N] float32
+    bias_add: ir.Node | None = None
+    bias: np.ndarray | None = None
+    tied_gather: list[ir.Node] = field(default_factory=list)
+    bits: int = 4
+    why_bits: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name or "MatMul"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _const_initializer(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _reaches_graph_output(value: ir.Value, depth: int = 3) -> bool:
+    if value.is_graph_output():
+        return True
+    if depth == 0:
+        return False
+    for use in value.uses():
+        n = use.node
+        if n.op_type in _PASSTHROUGH or n.op_type == "Add":
+            if _reaches_graph_output(n.outputs[0], depth - 1):
+                return True
+    return False
+
+
+def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, np.ndarray | None]:
+    """The ``Add`` of a constant ``[N]`` bias that alone consumes ``node``'s output, if any."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None, None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, None
+    other = add.inputs[1 - uses[0].idx]
+    b = _const_initializer(other)
+    if b is None or b.dtype != np.float32 or b.shape != (n,):
+        return None, None
+    return add, b
+
+
+def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, str]):
+    sites: list[_MatMulSite] = []
+    gathers: list[tuple[ir.Node, np.ndarray]] = []
+    for node in graph:
+        name = node.name or (node.outputs[0].name if node.outputs else "")
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            if _matches(name, config.nodes_to_exclude):
+                skipped[name] = "excluded by nodes_to_exclude"
+                continue
+            w = _const_initializer(node.inputs[1])
+            if w is None:
+                continue  # activation x activation: not a weight
+            if w.dtype != np.float32:
+                skipped[name] = f"weight dtype {w.dtype} is not float32"
+                continue
+            if w.ndim != 2:
+                skipped[name] = f"weight is {w.ndim}-D, not 2-D"
+                continue
+            a = node.inputs[0]
+            if a is not None and a.shape is not None and len(a.shape) < 2:
+                skipped[name] = "input A is 1-D"
+                continue
+            if w.shape[0] < 16:
+                skipped[name] = f"K={w.shape[0]} < 16"
+                continue
+            site = _MatMulSite(node=node, weight=node.inputs[1], w=w)
+            site.bias_add, site.bias = _bias_add(node, w.shape[1])
+            sites.append(site)
+        elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and config.quantize_embeddings:
+            table, why = gather_table(node)
+            if table is None:
+                if why not in ("data is not a constant initializer",):
+                    skipped[name] = why
+                continue
+            if _matches(name, config.nodes_to_exclude):
+                skipped[name] = "excluded by nodes_to_exclude"
+                continue
+            if table.size < MIN_EMBEDDING_ELEMENTS:
+                skipped[name] = f"embedding table {list(table.shape)} is small (< {MIN_EMBEDDING_ELEMENTS} values)"
+                continue
+            gathers.append((node, table))
+    return sites, gathers
+
+
+def _collect_statistics(model: ir.Model, names: list[str], batches, need_hessian: bool) -> dict[str, dict]:
+    """Stream the activations ``names`` over ``batches`` with ONNX Runtime; per tensor accumulate ``X^T X``
+    (when ``need_hessian``) and the per-channel sum of squares, over non-padded tokens."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for n in names:
+        if n not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del proto
+    inputs = {i.name for i in sess.get_inputs()}
+    stats: dict[str, dict] = {}
+    n_batches = 0
+    for feeds in batches:
+        feeds = {k: v for k, v in feeds.items() if k in inputs}
+        missing = inputs - set(feeds)
+        if missing:
+            raise CalibrationDataError(f"calibration batch lacks graph input(s): {', '.join(sorted(missing))}")
+        outs = sess.run(names, feeds)
+        mask = feeds.get("attention_mask")
+        for name, x in zip(names, outs):
+            x = np.asarray(x, np.float32)
+            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.astype(bool)]
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            st = stats.setdefault(name, {"count": 0, "sq": 0.0, "xtx": 0.0})
+            st["count"] += x.shape[0]
+            st["sq"] = st["sq"] + (x * x).sum(axis=0)
+            if need_hessian:
+                st["xtx"] = st["xtx"] + x.T @ x
+        n_batches += 1
+    if n_batches == 0:
+        raise CalibrationDataError("calibration data is empty")
+    return stats
+
+
+def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
+    deq = bq.dequantize()
+    d = (w_t - deq).astype(np.float64)
+    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
+    if isinstance(xtx, np.ndarray):
+        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
+        wd = w_t.astype(np.float64)
+        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
+        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
+    return out
+
+
+def _ensure_opset(model: ir.Model) -> None:
+    if model.opset_imports.get(MS_DOMAIN) is None:
+        model.opset_imports[MS_DOMAIN] = 1
+    if model.graph.opset_imports.get(MS_DOMAIN) is None:
+        model.graph.opset_imports[MS_DOMAIN] = 1
+
+
+def quantize_weight_only(
+    model: ir.Model,
+    config: WeightOnlyConfig,
+    *,
+    calibration_batches: Iterable[dict[str, np.ndarray]] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Quantize the constant weights of ``MatMul`` (and embedding ``Gather``) nodes in place.
+
+    Args:
+        model: the float model (edited in place and returned).
+        config: bits, block size, symmetry, accuracy level, algorithm and overrides.
+        calibration_batches: feed dicts for the data-aware parts (required by ``gptq``; with ``rtn`` they
+            weight the clipping search by activation energy).
+
+    Returns:
+        The model and a JSON-able report: per quantized node its bits, block size, shape, algorithm and
+        error; the nodes left in float with the reason; bytes of the weights before and after.
+    """
+    t0 = time.perf_counter()
+    graph = model.graph
+    algorithm = WeightOnlyAlgorithm(config.algorithm)
+    if algorithm == WeightOnlyAlgorithm.AWQ:
+        raise ConfigError("weight-only algorithm 'awq' is not available; use 'gptq' (data-aware) or 'rtn'")
+    if algorithm == WeightOnlyAlgorithm.GPTQ and calibration_batches is None:
+        raise CalibrationDataError("algorithm gptq needs calibration data (--calibration-data PATH)")
+
+    skipped: dict[str, str] = {}
+    sites, gathers = _find_sites(graph, config, skipped)
+
+    # Tied embeddings: a Gather table equal to the transposed lm_head weight is stored once.
+    tied_tables: set[int] = set()
+    for site in sites:
+        k, n = site.w.shape
+        for gnode, table in gathers:
+            if table.shape == (n, k) and k % config.block_size == 0 and np.array_equal(table, site.w.T):
+                site.tied_gather.append(gnode)
+                tied_tables.add(id(gnode))
+    gathers = [(g, t) for g, t in gathers if id(g) not in tied_tables]
+
+    # Bits per layer.
+    for site in sites:
+        site.bits = config.bits
+        if _matches(site.name, config.int8_nodes):
+            site.bits, site.why_bits = 8, "int8_nodes"
+        elif config.auto_int8_sensitive and config.bits < 8:
+            if site.tied_gather:
+                site.bits, site.why_bits = 8, "auto: lm_head tied to the embedding table"
+            elif _reaches_graph_output(site.node.outputs[0]):
+                site.bits, site.why_bits = 8, "auto: output projection (lm_head)"
+
+    # Calibration statistics for the data-aware parts.
+    stats: dict[str, dict] = {}
+    calib_info = None
+    if calibration_batches is not None:
+        act_names = sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
+        need_h = algorithm == WeightOnlyAlgorithm.GPTQ
+        tc = time.perf_counter()
+        stats = _collect_statistics(model, act_names, calibration_batches, need_h)
+        calib_info = {
+            "tokens": int(next(iter(stats.values()))["count"]) if stats else 0,
+            "activations": len(stats),
+            "seconds": round(time.perf_counter() - tc, 2),
+        }
+
+    _ensure_opset(model)
+    nodes_report: list[dict[str, Any]] = []
+    bytes_before = bytes_after = 0
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    iterator = tqdm(sites, desc="weight-only", unit="layer", leave=False) if tqdm else sites
+    for site in iterator:
+        k, n = site.w.shape
+        w_t = np.ascontiguousarray(site.w.T)
+        st = stats.get(site.node.inputs[0].name) if site.node.inputs[0] is not None else None
+        xtx = st["xtx"] if st is not None and isinstance(st.get("xtx"), np.ndarray) else None
+        importance = (st["sq"] / max(st["count"], 1)) if st is not None and not site.tied_gather else None
+        use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
+        if use_gptq and site.bits == 4:
+            bq = quantize_gptq(w_t, xtx, site.bits, config.block_size, config.symmetric)
+            algo = "gptq"
+        else:
+            bq = quantize_rtn(w_t, site.bits, config.block_size, config.symmetric, importance=importance)
+            algo = "rtn" + ("+act" if importance is not None else "")
+        entry: dict[str, Any] = {
+            "node": site.name,
+            "op": "MatMulNBits",
+            "bits": site.bits,
+            "block_size": config.block_size,
+            "symmetric": config.symmetric,
+            "shape": [k, n],
+            "algorithm": algo,
+            **_rel_errors(w_t, bq, xtx),
+        }
+        if site.why_bits:
+            entry["bits_reason"] = site.why_bits
+        before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
+        for g in site.tied_gather:
+            before += 0 if g.inputs[0] is site.weight else site.w.nbytes
+        after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
+        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config)
+        for g in site.tied_gather:
+            old_table = g.inputs[0]
+            replace_gather(graph, g, bq, shared=(b_val, s_val, z_val))
+            drop_unused_initializers(graph, [old_table])
+            entry.setdefault("tied_gathers", []).append(g.name)
+        entry["bytes_before"], entry["bytes_after"] = before, after
+        bytes_before += before
+        bytes_after += after
+        nodes_report.append(entry)
+
+    for gnode, table in gathers:
+        bits = 8 if _matches(gnode.name or "", config.int8_nodes) else config.bits
+        bq = quantize_rtn(table, bits, config.block_size, config.symmetric)
+        if bits == 4 and table.shape[1] % 2:
+            skipped[gnode.name] = "odd embedding width"
+            continue
+        old_table = gnode.inputs[0]
+        name = gnode.name
+        before = table.nbytes
+        replace_gather(graph, gnode, bq)
+        drop_unused_initializers(graph, [old_table])
+        after = bq.k * bq.q.shape[0] * bits // 8 + bq.scales.nbytes
+        zp = bq.packed_zero_points()
+        after += zp.nbytes if zp is not None else 0
+        bytes_before += before
+        bytes_after += after
+        nodes_report.append(
+            {
+                "node": name,
+                "op": "GatherBlockQuantized",
+                "bits": bits,
+                "block_size": config.block_size,
+                "symmetric": config.symmetric,
+                "shape": list(table.shape),
+                "algorithm": "rtn",
+                **_rel_errors(table, bq, None),
+                "bytes_before": before,
+                "bytes_after": after,
+            }
+        )
+
+    report = {
+        "config": config.to_dict(),
+        "nodes": nodes_report,
+        "float_nodes": skipped,
+        "num_quantized": len(nodes_report),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "calibration": calib_info,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    logger.info(
+        "weight-only: %d nodes quantized, %d left in float, weights %.1f MB -> %.1f MB",
+        len(nodes_report),
+        len(skipped),
+        bytes_before / 1e6,
+        bytes_after / 1e6,
+    )
+    return model, report
+
+
+def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig):
+    node = site.node
+    k, n = site.w.shape
+    base = site.weight.name or site.name
+    b_val = ir.Value(name=f"{base}_q{bq.bits}", const_value=ir.tensor(bq.packed_codes()))
+    s_val = ir.Value(name=f"{base}_scales", const_value=ir.tensor(bq.scales))
+    graph.register_initializer(b_val)
+    graph.register_initializer(s_val)
+    z_val = None
+    zp = bq.packed_zero_points()
+    if zp is not None:
+        z_val = ir.Value(name=f"{base}_zero_points", const_value=ir.tensor(zp))
+        graph.register_initializer(z_val)
+    inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
+    old_bias = None
+    if site.bias_add is not None:
+        old_bias = site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
+        inputs += [None, old_bias]
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    attrs: dict[str, Any] = {"K": k, "N": n, "bits": bq.bits, "block_size": bq.block_size}
+    if config.accuracy_level is not None:
+        attrs["accuracy_level"] = config.accuracy_level
+    new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=site.name + "_Q" + str(bq.bits))
+    old_weight = site.weight
+    if site.bias_add is not None:
+        graph.insert_before(site.bias_add, new)
+        swap_output(graph, site.bias_add, new)
+        graph.remove(node, safe=True)
+    else:
+        graph.insert_before(node, new)
+        swap_output(graph, node, new)
+    drop_unused_initializers(graph, [old_weight])
+    return b_val, s_val, z_val
