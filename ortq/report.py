@@ -436,7 +436,8 @@ def _provider_details(p: dict[str, Any]) -> list[str]:
                     lines.append(f"  - still float (QDQ emulated): {shown}{more}")
             lines.append(
                 f"- MatMul/Gemm/Conv FLOPs in int8: {_pct(fl.get('int8_fraction'))}, in low-bit weight kernels: "
-                f"{_pct(fl.get('nbits_fraction'))} (weight MatMuls only: {_pct(fl.get('weight_matmul_int8_fraction'))} int8)"
+                f"{_pct(fl.get('nbits_fraction'))}; of the MatMuls by a constant weight: "
+                f"{_pct(fl.get('weight_matmul_int8_fraction'))} int8, {_pct(fl.get('weight_matmul_nbits_fraction'))} low-bit"
             )
         other = {k: v for k, v in (x.get("nodes_per_provider") or {}).items() if k != p.get("execution_provider")}
         if p.get("name") != "cpu" and other:

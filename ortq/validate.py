@@ -475,6 +475,7 @@ class Placement:
         int8 = self._flops(("int8",))
         nbits = self._flops(("nbits",))
         w_int8 = self._flops(("int8",), weight_only=True)
+        w_nbits = self._flops(("nbits",), weight_only=True)
         known = total > 0 and not self.opaque
         return {
             "total": total,
@@ -485,6 +486,7 @@ class Placement:
             "nbits_fraction": nbits / total if known else None,
             "weight_matmul_total": w_total,
             "weight_matmul_int8_fraction": w_int8 / w_total if known and w_total else None,
+            "weight_matmul_nbits_fraction": w_nbits / w_total if known and w_total else None,
         }
 
     @property
