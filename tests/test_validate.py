@@ -407,3 +407,71 @@ def test_tensorrt_row(mlp_models):
     assert row["status"] in ("ok", "skipped")
     if row["status"] == "ok":
         assert row["fidelity"]["cosine"] > 0.99
+
+
+# ------------------------------------------------------------------------------ exported transformer folders
+
+
+def _qdq_folder(src_dir: Path, dst_dir: Path, n: int = 16) -> Path:
+    """Quantize an exported folder with onnxruntime's quantize_static (the oracle), tokenizer files copied."""
+    from ortq.data import load_batches, real_text
+    from ortq.io import copy_side_files
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    feeds = list(load_batches(real_text("calibration", n), model=src_dir / "model.onnx", batch_size=8))
+    _qdq(src_dir / "model.onnx", dst_dir / "model.onnx", feeds)
+    copy_side_files(src_dir, dst_dir)
+    return dst_dir
+
+
+def test_exported_bert_folder_uses_heldout_text_and_embeddings(tiny_bert_dir, tmp_path):
+    q = _qdq_folder(tiny_bert_dir, tmp_path / "q")
+    report = validate(q, tiny_bert_dir, num_samples=16, batch_size=8, latency_runs=2, report_dir=tmp_path / "r")
+    d = report.to_dict()
+    assert d["task"] == "embeddings"
+    assert d["data"]["source"].startswith("real held-out text")
+    task = report.provider("cpu")["task"]
+    assert task["metric"] == "top5_neighbour_agreement" and 0.0 <= task["agreement"] <= 1.0
+    assert task["samples"] == 16
+    pq = report.provider("cpu")["placement"]["quantized"]
+    assert pq["qdq_groups"]["total"] > 0
+    assert sum(pq["integer_kernels"].values()) == pq["qdq_groups"]["fused"]
+    assert 0.0 < pq["flops"]["int8_fraction"] <= 1.0
+
+
+def test_exported_llama_folder_is_a_causal_lm(tiny_llama_dir, tmp_path):
+    q = _qdq_folder(tiny_llama_dir, tmp_path / "q", n=8)
+    report = validate(q, tiny_llama_dir, num_samples=8, batch_size=4, latency_runs=0, placement=False)
+    task = report.provider("cpu")["task"]
+    assert report.to_dict()["task"] == "causal-lm"
+    assert task["tokens"] > 0 and task["perplexity_reference"] > 1
+
+
+# ------------------------------------------------------------------------------------------- real MiniLM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_minilm_report_cpu_rows_filled_gpu_rows_skipped(minilm_dir, tmp_path, kind):
+    quantizer_mod = pytest.importorskip("ortq.quantizer")
+    from ortq.config import AutoQuantizationConfig, WeightOnlyConfig
+    from ortq.data import real_text
+
+    quantizer = quantizer_mod.ORTQuantizer.from_pretrained(minilm_dir)
+    if kind == "int8":
+        q = quantizer.quantize(
+            AutoQuantizationConfig.for_host(), tmp_path / "q", calibration_data=real_text("calibration", 64)
+        )
+    else:
+        q = quantizer.quantize(WeightOnlyConfig(bits=4), tmp_path / "q")
+    report = validate(Path(q).parent, minilm_dir, providers=("cpu", "cuda", "tensorrt"), report_dir=tmp_path / "r")
+    files = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert files == ["report.json", "report.md", "report.png"]
+    cpu = report.provider("cpu")
+    assert cpu["status"] == "ok" and cpu["fidelity"]["cosine"] > 0.9 and cpu["latency"]["ratio"] > 0
+    kernels = cpu["placement"]["quantized"]["integer_kernels" if kind == "int8" else "nbits_kernels"]
+    assert sum(kernels.values()) > 0
+    for name in ("cuda", "tensorrt"):
+        row = report.provider(name)
+        if not (HAS_CUDA if name == "cuda" else HAS_TRT):
+            assert row["status"] == "skipped" and row["reason"]
