@@ -225,10 +225,15 @@ class WeightOnlyConfig:
         block_size: weights per scale along the input dimension (power of two, >= 16).
         symmetric: symmetric blocks (no zero points).
         accuracy_level: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations, the fast CPU path).
-        algorithm: rtn (round to nearest with a clipping search) or a data-aware algorithm.
-        quantize_embeddings: embedding Gathers become ``GatherBlockQuantized``.
+        algorithm: rtn (round to nearest with a per-block clipping search) or gptq (data-aware: needs
+            calibration data).
+        quantize_embeddings: large embedding Gathers become ``GatherBlockQuantized``.
         int8_nodes: node-name patterns (fnmatch) quantized to 8 bits instead.
-        auto_int8_sensitive: also keep the most sensitive layers (e.g. lm_head) at 8 bits.
+        auto_int8_sensitive: also keep the most sensitive layers (the output projection / lm_head and an
+            embedding table tied to it) at 8 bits.
+        int8_block_size: block size of the 8-bit layers (symmetric); None: the largest power of two <= 128
+            that divides K (and is >= block_size), else block_size.
+        nodes_to_exclude: node-name patterns (fnmatch) left in float.
     """
 
     bits: int = 4
@@ -240,6 +245,7 @@ class WeightOnlyConfig:
     int8_nodes: tuple[str, ...] = ()
     auto_int8_sensitive: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
+    int8_block_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
@@ -252,6 +258,11 @@ class WeightOnlyConfig:
             raise ConfigError(f"block_size must be a power of two >= 16, got {bs!r}")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level must be 0-4, got {self.accuracy_level!r}")
+        b8 = self.int8_block_size
+        if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
+            raise ConfigError(f"int8_block_size must be a power of two >= 16, got {b8!r}")
+        if self.algorithm == WeightOnlyAlgorithm.AWQ:
+            raise ConfigError("weight-only algorithm 'awq' is not available; use 'gptq' (data-aware) or 'rtn'")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -48,7 +48,11 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """The float32 matrix ``[rows, k]`` these codes stand for."""
         rows = self.q.shape[0]
-        zp = self.zero_points if self.zero_points is not None else np.full_like(self.q[:, :1], 1 << (self.bits - 1))
+        zp = (
+            self.zero_points
+            if self.zero_points is not None
+            else np.full_like(self.q[:, :1], 1 << (self.bits - 1))
+        )
         q = self.q.reshape(rows, self.n_blocks, self.block_size).astype(np.float32)
         zpf = np.broadcast_to(zp, (rows, self.n_blocks)).astype(np.float32)
         w = (q - zpf[..., None]) * self.scales[..., None]
@@ -296,7 +300,9 @@ def quantize_gptq(
     return BlockQuantized(q=q, scales=scales, zero_points=zps, bits=bits, block_size=block_size, k=k)
 
 
-def on_grid(w: np.ndarray, bits: int, block_size: int, symmetric: bool, rng: np.random.Generator) -> np.ndarray:
+def on_grid(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, rng: np.random.Generator
+) -> np.ndarray:
     """A random matrix whose values lie exactly on a block-wise ``bits`` grid (for round-trip tests):
     every block uses its lowest and highest code, so a min/max quantizer recovers it exactly."""
     rows, k = w.shape

@@ -59,7 +59,9 @@ def replace_gather(
     base = node.inputs[0].name or node.name or "embedding"
     if shared is not None:
         b_value, scales_value, zp_value = shared
-        shape_value = ir.Value(name=f"{base}_gbq_shape", const_value=ir.tensor(np.array([rows, -1], np.int64)))
+        shape_value = ir.Value(
+            name=f"{base}_gbq_shape", const_value=ir.tensor(np.array([rows, -1], np.int64))
+        )
         graph.register_initializer(shape_value)
         reshape = ir.node("Reshape", [b_value, shape_value], name=f"{node.name or base}_gbq_data")
         graph.insert_before(node, reshape)

@@ -30,7 +30,13 @@ import onnx_ir as ir
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
 from ortq.errors import CalibrationDataError, ConfigError
 from ortq.passes._int4 import BlockQuantized, quantize_gptq, quantize_rtn
-from ortq.passes.gather_quant import MS_DOMAIN, drop_unused_initializers, gather_table, replace_gather, swap_output
+from ortq.passes.gather_quant import (
+    MS_DOMAIN,
+    drop_unused_initializers,
+    gather_table,
+    replace_gather,
+    swap_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +137,9 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
                 skipped[name] = "excluded by nodes_to_exclude"
                 continue
             if table.size < MIN_EMBEDDING_ELEMENTS:
-                skipped[name] = f"embedding table {list(table.shape)} is small (< {MIN_EMBEDDING_ELEMENTS} values)"
+                skipped[name] = (
+                    f"embedding table {list(table.shape)} is small (< {MIN_EMBEDDING_ELEMENTS} values)"
+                )
                 continue
             gathers.append((node, table))
     return sites, gathers
@@ -159,10 +167,12 @@ def _collect_statistics(model: ir.Model, names: list[str], batches, need_hessian
         feeds = {k: v for k, v in feeds.items() if k in inputs}
         missing = inputs - set(feeds)
         if missing:
-            raise CalibrationDataError(f"calibration batch lacks graph input(s): {', '.join(sorted(missing))}")
+            raise CalibrationDataError(
+                f"calibration batch lacks graph input(s): {', '.join(sorted(missing))}"
+            )
         outs = sess.run(names, feeds)
         mask = feeds.get("attention_mask")
-        for name, x in zip(names, outs):
+        for name, x in zip(names, outs, strict=True):
             x = np.asarray(x, np.float32)
             if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
                 x = x[mask.astype(bool)]
@@ -188,6 +198,18 @@ def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> 
         den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
         out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
     return out
+
+
+def _layer_format(config: WeightOnlyConfig, bits: int, k: int) -> tuple[int, bool]:
+    """(block size, symmetric) of a layer: 8-bit layers are symmetric with a larger block when K allows."""
+    if bits == config.bits:
+        return config.block_size, config.symmetric
+    if config.int8_block_size is not None:
+        return config.int8_block_size, True
+    for b in (128, 64, 32, 16):
+        if b >= config.block_size and k % b == 0:
+            return b, True
+    return config.block_size, True
 
 
 def _ensure_opset(model: ir.Model) -> None:
@@ -231,7 +253,7 @@ def quantize_weight_only(
     for site in sites:
         k, n = site.w.shape
         for gnode, table in gathers:
-            if table.shape == (n, k) and k % config.block_size == 0 and np.array_equal(table, site.w.T):
+            if table.shape == (n, k) and np.array_equal(table, site.w.T):
                 site.tied_gather.append(gnode)
                 tied_tables.add(id(gnode))
     gathers = [(g, t) for g, t in gathers if id(g) not in tied_tables]
@@ -276,18 +298,19 @@ def quantize_weight_only(
         xtx = st["xtx"] if st is not None and isinstance(st.get("xtx"), np.ndarray) else None
         importance = (st["sq"] / max(st["count"], 1)) if st is not None and not site.tied_gather else None
         use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
+        bs, sym = _layer_format(config, site.bits, k)
         if use_gptq and site.bits == 4:
-            bq = quantize_gptq(w_t, xtx, site.bits, config.block_size, config.symmetric)
+            bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
             algo = "gptq"
         else:
-            bq = quantize_rtn(w_t, site.bits, config.block_size, config.symmetric, importance=importance)
+            bq = quantize_rtn(w_t, site.bits, bs, sym, importance=importance)
             algo = "rtn" + ("+act" if importance is not None else "")
         entry: dict[str, Any] = {
             "node": site.name,
             "op": "MatMulNBits",
             "bits": site.bits,
-            "block_size": config.block_size,
-            "symmetric": config.symmetric,
+            "block_size": bs,
+            "symmetric": sym,
             "shape": [k, n],
             "algorithm": algo,
             **_rel_errors(w_t, bq, xtx),
@@ -301,7 +324,10 @@ def quantize_weight_only(
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config)
         for g in site.tied_gather:
             old_table = g.inputs[0]
-            replace_gather(graph, g, bq, shared=(b_val, s_val, z_val))
+            shared = (b_val, s_val, z_val) if k % bs == 0 else None
+            replace_gather(graph, g, bq, shared=shared)
+            if shared is None:
+                after += bq.nbytes()
             drop_unused_initializers(graph, [old_table])
             entry.setdefault("tied_gathers", []).append(g.name)
         entry["bytes_before"], entry["bytes_after"] = before, after
@@ -311,7 +337,8 @@ def quantize_weight_only(
 
     for gnode, table in gathers:
         bits = 8 if _matches(gnode.name or "", config.int8_nodes) else config.bits
-        bq = quantize_rtn(table, bits, config.block_size, config.symmetric)
+        bs, sym = _layer_format(config, bits, table.shape[1])
+        bq = quantize_rtn(table, bits, bs, sym)
         if bits == 4 and table.shape[1] % 2:
             skipped[gnode.name] = "odd embedding width"
             continue
@@ -330,8 +357,8 @@ def quantize_weight_only(
                 "node": name,
                 "op": "GatherBlockQuantized",
                 "bits": bits,
-                "block_size": config.block_size,
-                "symmetric": config.symmetric,
+                "block_size": bs,
+                "symmetric": sym,
                 "shape": list(table.shape),
                 "algorithm": "rtn",
                 **_rel_errors(table, bq, None),
@@ -376,7 +403,9 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
     if site.bias_add is not None:
-        old_bias = site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
+        old_bias = (
+            site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
+        )
         inputs += [None, old_bias]
     while inputs and inputs[-1] is None:
         inputs.pop()
