@@ -10,6 +10,7 @@ can be saved and resumed (``save_calibration_state`` / ``load_calibration_state`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ class ORTQuantizer:
         self._proto: onnx.ModelProto | None = None
         self._collector: RangeCollector | None = None
         self._calibration_config: CalibrationConfig | None = None
+        # SmoothQuant rewrites the float model before calibration: (alpha, per-activation summary).
+        self._smoothing: tuple[float, dict[str, Any]] | None = None
         self.last_plan: QuantPlan | None = None
         self.last_report: dict[str, Any] | None = None
 
@@ -80,6 +83,22 @@ class ORTQuantizer:
 
     def _ir_model(self) -> ir.Model:
         return ir.from_proto(self.proto)
+
+    def _smooth(self, alpha: float, batches: Batches) -> None:
+        """Apply SmoothQuant to the float model; calibration and quantization then use the smoothed model."""
+        from ortq.passes.smooth import apply_smoothing, channel_absmax, smooth_groups
+
+        model = self._ir_model()
+        groups = smooth_groups(model)
+        if not groups:
+            logger.info("SmoothQuant: no MatMul with a constant weight to smooth")
+            self._smoothing = (alpha, {})
+            return
+        absmax = channel_absmax(self.model_path, [g.activation for g in groups], batches)
+        summary = apply_smoothing(model, groups, absmax, alpha)
+        self._proto = ir.to_proto(model)
+        self._smoothing = (alpha, summary)
+        logger.info("SmoothQuant (alpha %.2f) on %d activations", alpha, len(summary))
 
     # ------------------------------------------------------------------------------------------ calibration
 
@@ -112,23 +131,25 @@ class ORTQuantizer:
         if self._calibration_config is not None and calibration_config != self._calibration_config:
             raise ConfigError("partial_fit called with a different calibration config than before")
         self._calibration_config = calibration_config
-        if self._collector is None:
-            qconfig = quantization_config or QuantizationConfig()
-            if operators_to_quantize:
-                qconfig = QuantizationConfig(**{**qconfig.__dict__, "operators_to_quantize": tuple(operators_to_quantize)})
-            targets = calibration_targets(self._ir_model(), qconfig)
-            if not targets:
-                raise ModelError(
-                    f"{self.model_path}: nothing to quantize (no {', '.join(qconfig.operators_to_quantize)} node "
-                    "with float activations)"
-                )
-            self._collector = RangeCollector(self.model_path, targets, calibration_config, providers=providers)
         batches = self.batches(
             dataset,
             batch_size=batch_size or calibration_config.batch_size,
             num_samples=calibration_config.num_samples,
             max_length=max_length,
         )
+        if self._collector is None:
+            qconfig = quantization_config or QuantizationConfig()
+            if operators_to_quantize:
+                qconfig = dataclasses.replace(qconfig, operators_to_quantize=tuple(operators_to_quantize))
+            if qconfig.smooth_quant_alpha is not None and self._smoothing is None:
+                self._smooth(float(qconfig.smooth_quant_alpha), batches)
+            targets = calibration_targets(self._ir_model(), qconfig)
+            if not targets:
+                raise ModelError(
+                    f"{self.model_path}: nothing to quantize (no {', '.join(qconfig.operators_to_quantize)} node "
+                    "with float activations)"
+                )
+            self._collector = RangeCollector(self.proto, targets, calibration_config, providers=providers)
         start = time.perf_counter()
         self._collector.collect(batches, total=batches.num_batches, show_progress=show_progress)
         logger.info("calibrated on %s samples in %.1f s", batches.num_samples, time.perf_counter() - start)
@@ -143,6 +164,9 @@ class ORTQuantizer:
         """Calibrate on ``dataset`` from scratch and return the ranges (Optimum's ``fit``)."""
         self._collector = None
         self._calibration_config = None
+        if self._smoothing is not None:  # start again from the model as loaded
+            self._proto = None
+            self._smoothing = None
         self.partial_fit(dataset, calibration_config, **kwargs)
         return self.compute_ranges()
 
@@ -228,6 +252,14 @@ class ORTQuantizer:
         calibration_data: Any,
         calibration_config: CalibrationConfig | None,
     ) -> tuple[ir.Model, dict[str, Any]]:
+        smoothed_with = self._smoothing[0] if self._smoothing else None
+        if ranges is None and self._collector is not None and smoothed_with != config.smooth_quant_alpha:
+            if calibration_data is None:
+                raise ConfigError(
+                    f"fit() ran with smooth_quant_alpha={smoothed_with}, quantize() asks for "
+                    f"{config.smooth_quant_alpha}: call fit() with the same quantization_config"
+                )
+            self._collector = None
         if ranges is None:
             if calibration_data is not None:
                 ranges = self.fit(
@@ -251,6 +283,8 @@ class ORTQuantizer:
         insert_qdq(model, plan)
         self.last_plan = plan
         report = {"method": "static_int8", "plan": plan.to_dict()}
+        if self._smoothing is not None:
+            report["smooth_quant"] = {"alpha": self._smoothing[0], "activations": self._smoothing[1]}
         if self._collector is not None:
             report["calibration"] = self._collector.state.summary()
         return model, report

@@ -1,0 +1,178 @@
+"""SmoothQuant: move activation outliers into the weights before int8 quantization.
+
+For an activation ``X`` (channels last) feeding MatMuls with constant weights ``W`` ([K, N]), per input
+channel ``j``::
+
+    s_j = max|X_j| ** alpha / max_n |W_jn| ** (1 - alpha)
+    X' = X / s        W' = diag(s) W          X' W' == X W
+
+``X / s`` is folded into the producing ``LayerNormalization`` (scale and bias divided by ``s``) when every
+consumer of ``X`` is such a MatMul (pre-LN transformers); otherwise (post-LN BERT, where ``X`` also feeds the
+residual) one ``Mul`` by ``1 / s`` is inserted on the MatMul branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SmoothGroup:
+    """One activation and the MatMul consumers that share its smoothing scales."""
+
+    activation: str
+    matmuls: list[str]
+    folded_into: str | None  # the LayerNormalization node, or None when a Mul is inserted
+
+
+def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> list[SmoothGroup]:
+    """Activations fed to MatMuls whose weights are constant [K, N] matrices."""
+    groups: dict[str, SmoothGroup] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or (quantized_nodes is not None and node.name not in quantized_nodes):
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if x is None or w is None or w.const_value is None or len(w.const_value.shape) != 2:
+            continue
+        producer = x.producer()
+        if producer is None:
+            continue
+        group = groups.setdefault(x.name, SmoothGroup(x.name, [], None))
+        group.matmuls.append(node.name)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for group in groups.values():
+        x = values[group.activation]
+        producer = x.producer()
+        consumers = {use.node.name for use in x.uses()}
+        ln_ok = (
+            producer.op_type == "LayerNormalization"
+            and consumers <= set(group.matmuls)
+            and not x.is_graph_output()
+            and producer.inputs[1] is not None
+            and producer.inputs[1].const_value is not None
+            and len(producer.inputs[1].uses()) == 1
+            and (len(producer.inputs) < 3 or producer.inputs[2] is None or len(producer.inputs[2].uses()) == 1)
+        )
+        if ln_ok:
+            group.folded_into = producer.name
+    return list(groups.values())
+
+
+def channel_absmax(
+    model_path: str | os.PathLike, activations: list[str], batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of ``activations``, reduced inside the graph batch by batch."""
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_path))
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    outputs = []
+    for i, name in enumerate(activations):
+        abs_out = f"__ortq_abs_{i}"
+        red_out = f"__ortq_chmax_{i}"
+        proto.graph.node.append(onnx.helper.make_node("Abs", [name], [abs_out]))
+        # Flatten all leading axes, then max over them: a [C] vector whatever the rank.
+        flat = f"__ortq_flat_{i}"
+        proto.graph.node.append(onnx.helper.make_node("Flatten", [abs_out], [flat], axis=-1))
+        if opset >= 18:
+            axes = f"__ortq_axes_{i}"
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), axes))
+            proto.graph.node.append(onnx.helper.make_node("ReduceMax", [flat, axes], [red_out], keepdims=0))
+        else:
+            proto.graph.node.append(onnx.helper.make_node("ReduceMax", [flat], [red_out], axes=[0], keepdims=0))
+        outputs.append(red_out)
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(red_out))
+    with tempfile.TemporaryDirectory(prefix="ortq-smooth-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        stats: dict[str, np.ndarray] = {}
+        for feeds in batches:
+            for name, value in zip(activations, sess.run(outputs, feeds)):
+                value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                stats[name] = value if name not in stats else np.maximum(stats[name], value)
+    return stats
+
+
+def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """``s_j = a_j^alpha / w_j^(1-alpha)``, with w_j the max over all consumers' row j; 1 where undefined."""
+    w_absmax = np.max(np.stack([np.abs(w).max(axis=1) for w in weights]), axis=0)
+    a = np.maximum(act_absmax.astype(np.float64), 1e-5)
+    w = np.maximum(w_absmax.astype(np.float64), 1e-5)
+    s = a**alpha / w ** (1.0 - alpha)
+    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def apply_smoothing(
+    model: ir.Model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float
+) -> dict[str, dict[str, float]]:
+    """Fold SmoothQuant scales into ``model`` in place; returns per-activation summary for the report."""
+    nodes = {n.name: n for n in model.graph}
+    summary: dict[str, dict[str, float]] = {}
+    for group in groups:
+        if group.activation not in absmax:
+            continue
+        matmuls = [nodes[m] for m in group.matmuls]
+        weights = [m.inputs[1].const_value.numpy() for m in matmuls]
+        if len({w.shape[0] for w in weights}) != 1 or weights[0].shape[0] != absmax[group.activation].shape[0]:
+            continue
+        s = smoothing_scales(absmax[group.activation], weights, alpha)
+        for m, w in zip(matmuls, weights):
+            new_w = (w * s[:, None]).astype(w.dtype)
+            _set_const(model.graph, m, 1, new_w, suffix="smoothed")
+        if group.folded_into is not None:
+            ln = nodes[group.folded_into]
+            for idx in (1, 2):
+                if idx < len(ln.inputs) and ln.inputs[idx] is not None:
+                    p = ln.inputs[idx].const_value.numpy()
+                    _set_const(model.graph, ln, idx, (p / s).astype(p.dtype), suffix="smoothed")
+        else:
+            x = matmuls[0].inputs[0]
+            inv = ir.val(f"{group.activation}_smooth_inv", const_value=ir.tensor(1.0 / s, name=f"{group.activation}_smooth_inv"))
+            inv.shape = ir.Shape(s.shape)
+            inv.dtype = ir.DataType.FLOAT
+            model.graph.register_initializer(inv)
+            mul = ir.node("Mul", [x, inv], name=f"{group.activation}_SmoothQuant_Mul")
+            mul.outputs[0].name = f"{group.activation}_smoothed"
+            if x.dtype is not None:
+                mul.outputs[0].dtype = x.dtype
+            if x.shape is not None:
+                mul.outputs[0].shape = x.shape
+            model.graph.insert_after(x.producer(), [mul])
+            for m in matmuls:
+                m.replace_input_with(0, mul.outputs[0])
+        summary[group.activation] = {
+            "alpha": alpha,
+            "scale_min": float(s.min()),
+            "scale_max": float(s.max()),
+            "folded": group.folded_into is not None,
+        }
+    return summary
+
+
+def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
+    old = node.inputs[index]
+    name = f"{old.name}_{suffix}"
+    i = 1
+    while name in graph.initializers:
+        name = f"{old.name}_{suffix}_{i}"
+        i += 1
+    value = ir.val(name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    node.replace_input_with(index, value)
+    if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
+        del graph.initializers[old.name]
