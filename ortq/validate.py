@@ -942,15 +942,18 @@ class _OutputStats:
         self.sample_sqnr: list[float] = []
 
     def update(self, ref: np.ndarray, test: np.ndarray, mask: np.ndarray | None) -> None:
-        ref = np.asarray(ref, dtype=np.float64)
-        test = np.asarray(test, dtype=np.float64)
+        ref = np.asarray(ref)
+        test = np.asarray(test)
         if ref.shape != test.shape:
             raise ValidationFailed(f"output shapes differ: reference {ref.shape} vs quantized {test.shape}")
+        # One sample at a time in float64: memory stays flat for [batch, seq, vocab] logits.
         for i in range(ref.shape[0] if ref.ndim else 1):
             r = ref[i] if ref.ndim else ref
             t = test[i] if test.ndim else test
             if mask is not None:
                 r, t = r[mask[i]], t[mask[i]]
+            r = np.asarray(r, dtype=np.float64)
+            t = np.asarray(t, dtype=np.float64)
             if r.size == 0:
                 continue
             self.cosines.append(cosine_similarity(r, t))
@@ -1149,9 +1152,16 @@ def _model_summary(m: _Model) -> dict[str, Any]:
     for n in m.proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     size = m.path.stat().st_size
-    data_files = {t.name for t in m.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    if data_files:
-        for f in m.path.parent.glob(m.path.name + "*.data"):
+    locations = {
+        e.value
+        for t in m.proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    for loc in locations:
+        f = m.path.parent / loc
+        if f.is_file():
             size += f.stat().st_size
     return {
         "path": str(m.path),
@@ -1272,7 +1282,8 @@ def validate(
             samples += _batch_len(feed)
             mask = feed.get("attention_mask")
             cpu_out: tuple[dict, dict] | None = None
-            for k, (rs, qs) in sessions.items():
+            # CPU first, so the GPU rows can be compared with its outputs.
+            for k, (rs, qs) in sorted(sessions.items(), key=lambda kv: kv[0] != "cpu"):
                 try:
                     ro = dict(zip([o.name for o in rs.get_outputs()], rs.run(None, _feed_for(rs, feed)), strict=True))
                     qo = dict(zip([o.name for o in qs.get_outputs()], qs.run(None, _feed_for(qs, feed)), strict=True))
