@@ -15,6 +15,8 @@ from ortq.data import real_text
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CALIBRATION_SAMPLES = 256
+
 
 @dataclass
 class Row:
@@ -118,10 +120,10 @@ def run_recipe(
     num_samples: int | None = None,
     num_heldout: int = 128,
     with_int4: bool = True,
+    calibration_method: str = "minmax",
     overwrite: bool = True,
 ) -> RunResult:
     """Run the whole pipeline on ``recipe`` (default: all-MiniLM-L6-v2) and compare every variant with fp32."""
-    from ortq.export import export
     from ortq.quantizer import ORTQuantizer
     from ortq.recipes import DEFAULT_RECIPE, load_recipe
     from ortq.validate import validate
@@ -133,18 +135,17 @@ def run_recipe(
     work.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    source = rec.materialize(work / "source")
-    exported = export(source, work / "fp32", task=rec.task, opset=rec.opset, overwrite=overwrite)
+    exported = rec.export(work / "fp32", work_dir=work / "source", overwrite=overwrite)
     logger.info("exported in %.1f s", time.perf_counter() - start)
 
-    n_cal = num_samples or rec.num_calibration_samples
+    n_cal = num_samples or DEFAULT_CALIBRATION_SAMPLES
     calibration = real_text("calibration", n_cal)
     heldout = real_text("heldout", num_heldout)
 
     rows: list[Row] = []
     quantizer = ORTQuantizer.from_pretrained(work / "fp32")
     variants: list[tuple[str, Any, Any]] = [
-        ("int8 static (QDQ)", AutoQuantizationConfig.for_host(), AutoCalibrationConfig.from_method(rec.calibration_method)),
+        ("int8 static (QDQ)", AutoQuantizationConfig.for_host(), AutoCalibrationConfig.from_method(calibration_method)),
     ]
     if with_int4:
         variants.append(("int4 weight-only", WeightOnlyConfig(block_size=32), None))
