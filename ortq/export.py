@@ -173,7 +173,7 @@ def export(
         if isinstance(model, torch.nn.Module):
             hf_model, tokenizer, config = model, None, model.config
         else:
-            hf_model, tokenizer, config = _load_transformers(model, task)
+            hf_model, tokenizer, config, task = _load_transformers(model, task)
         task = task or infer_task(config)
         spec = _transformers_spec(
             hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
@@ -291,7 +291,9 @@ def _load_transformers(source: Any, task: str | None):
                     f"download it first, e.g. `hf download {source}`, or pass a folder)"
                 ) from exc
             raise ExportError(f"{source}: cannot read the model config ({_first_line(exc)})") from exc
-        task = task or infer_task(config)
+        if task is None:
+            # GGUF files hold decoder LLMs; their converted configs carry no architectures.
+            task = "causal-lm" if "gguf_file" in kwargs and not config.architectures else infer_task(config)
         auto_cls = getattr(transformers, _TASK_AUTO_CLASS[task])
         try:
             # Eager attention: the TorchScript exporter turns sdpa (transformers >= 5) into
@@ -311,7 +313,7 @@ def _load_transformers(source: Any, task: str | None):
         except Exception as exc:
             logger.warning("%s: no tokenizer (%s); exporting without one", source, _first_line(exc))
     model.eval()
-    return model, tokenizer, model.config
+    return model, tokenizer, model.config, task
 
 
 # --------------------------------------------------------------------------------------------- specs
@@ -527,7 +529,7 @@ def _convert(spec: _Spec, path: Path, opset: int, exporter: str) -> str:
                         spec.example,
                         input_names=spec.input_names,
                         output_names=spec.output_names,
-                        dynamic_axes=spec.dynamic_axes,
+                        dynamic_shapes=_dynamic_shapes(spec),
                         opset_version=opset,
                         dynamo=True,
                         optimize=True,
@@ -548,10 +550,21 @@ def _convert(spec: _Spec, path: Path, opset: int, exporter: str) -> str:
     raise ExportError("torch.onnx.export failed: " + " | ".join(errors))
 
 
+def _dynamic_shapes(spec: _Spec) -> tuple:
+    """``dynamic_axes`` as torch.export ``dynamic_shapes`` for the wrapper's ``forward(*args)``."""
+    torch = require("torch", "export")
+    dims: dict[str, Any] = {}
+    shapes = []
+    for name in spec.input_names:
+        axes = spec.dynamic_axes.get(name, {})
+        shapes.append({int(a): dims.setdefault(d, torch.export.Dim.DYNAMIC) for a, d in axes.items()} or None)
+    return (tuple(shapes),)
+
+
 @contextlib.contextmanager
 def _quiet_loggers() -> Iterator[None]:
     """The exporters log every decomposition at INFO; keep them at WARNING while converting."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.WARNING)
@@ -710,6 +723,8 @@ def _save_side_files(config, tokenizer, hf_model, folder: Path) -> None:
     # A GGUF source leaves quantization_config={quant_method: gguf}; the ONNX weights are float32.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if hf_model is not None and not getattr(config, "architectures", None):
+        config.architectures = [type(hf_model).__name__]
     config.save_pretrained(folder)
     gen = getattr(hf_model, "generation_config", None)
     if gen is not None and getattr(hf_model, "can_generate", lambda: False)():
