@@ -94,7 +94,6 @@ def _documents() -> Iterator[str]:
     """Python's reference topics, then the docstrings of common standard-library modules."""
     import importlib
     import inspect
-
     from pydoc_data.topics import topics
 
     for key in sorted(topics):

@@ -72,7 +72,7 @@ class ORTQuantizer:
         if file_name is not None:
             path = path / file_name
         quantizer = cls(path)
-        quantizer.proto  # fail early on a bad model
+        _ = quantizer.proto  # fail early on a bad model
         return quantizer
 
     @property

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ortq.passes.plan import ensure_node_names
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,7 @@ class SmoothGroup:
 
 def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> list[SmoothGroup]:
     """Activations fed to MatMuls whose weights are constant [K, N] matrices."""
+    ensure_node_names(model.graph)
     groups: dict[str, SmoothGroup] = {}
     for node in model.graph:
         if node.op_type != "MatMul" or (quantized_nodes is not None and node.name not in quantized_nodes):
