@@ -26,6 +26,10 @@ from ortq.quantizer import ORTQuantizer
 from ortq.validate import Thresholds, validate
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="Hugging Face model folder (or anything ortq.export.export accepts)")
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         fid, task, lat = row["fidelity"], row.get("task") or {}, row.get("latency") or {}
         print(
             f"{row['name']}: cosine {fid['cosine']:.5f} (worst {fid['cosine_min']:.5f}), "
-            f"SQNR {fid['sqnr_db']:.1f} dB, {task.get('metric', 'task')} {task.get('agreement')}, "
+            f"SQNR {fid['sqnr_db']:.1f} dB, {task.get('metric', 'task')} {_fmt(task.get('agreement'))}, "
             f"latency ratio {lat.get('ratio', float('nan')):.2f}"
         )
     print(f"report: {report_dir}/report.md")
