@@ -149,6 +149,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         min_sqnr_db=args.min_sqnr,
         max_latency_ratio=args.max_latency_ratio,
         max_abs_error=args.max_abs_error,
+        min_task_agreement=args.min_task_agreement,
+        max_perplexity_delta_pct=args.max_perplexity_delta,
     )
     report = validate(
         args.quantized,
@@ -160,6 +162,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         thresholds=thresholds,
         report_dir=args.report_dir,
+        task=args.task,
+        latency_runs=args.latency_runs,
     )
     print(report.to_markdown())
     if not report.ok:
@@ -244,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=_float, help="minimum SQNR in dB")
     p.add_argument("--max-latency-ratio", type=_float, help="maximum quantized / fp32 median latency")
     p.add_argument("--max-abs-error", type=_float)
+    p.add_argument("--min-task-agreement", type=_float, help="top-k / argmax agreement in [0, 1]")
+    p.add_argument("--max-perplexity-delta", type=_float, help="causal LMs: maximum perplexity increase in %%")
+    p.add_argument("--task", choices=["embeddings", "classification", "causal-lm", "none"])
+    p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model (0: skip latency)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="export -> quantize -> validate a recipe from graphs/")

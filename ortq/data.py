@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,9 @@ def _documents() -> Iterator[str]:
         for attr in sorted(vars(mod)):
             if attr.startswith("_"):
                 continue
-            obj = getattr(mod, attr)
+            with warnings.catch_warnings():  # typing.io / typing.re warn on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = getattr(mod, attr)
             if getattr(obj, "__module__", None) == mod.__name__ and (inspect.isfunction(obj) or inspect.isclass(obj)):
                 yield inspect.getdoc(obj) or ""
 

@@ -149,6 +149,12 @@ def atomic_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> 
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a temporary file and a rename."""
     p = Path(path)
@@ -156,6 +162,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
