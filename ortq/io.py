@@ -130,6 +130,7 @@ def atomic_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> 
         raise OutputError(f"{out}: cannot write here ({exc.strerror})") from exc
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         old = None
         if out.exists():
             if not overwrite and any(out.iterdir()):
