@@ -119,6 +119,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.weight_only:
         config = _weight_only_config(args)
         data = args.calibration_data
+        if data is None and config.algorithm.value != "rtn":
+            data = _default_calibration_data(Path(args.input), args.num_samples)
         path = quantizer.quantize(config, args.output, calibration_data=data, overwrite=args.overwrite)
     else:
         config = _static_config(args)
