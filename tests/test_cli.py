@@ -1,0 +1,63 @@
+import json
+
+import onnx
+import pytest
+
+from ortq.cli import main
+
+
+def test_quantize_and_validate_forms(tiny_bert_dir, tmp_path, capsys):
+    data = tmp_path / "cal.txt"
+    from ortq.data import real_text
+
+    data.write_text("\n".join(real_text("calibration", 48)))
+    out = tmp_path / "int8"
+    assert main(["quantize", str(tiny_bert_dir), "--output", str(out), "--calibration-data", str(data)]) == 0
+    onnx.checker.check_model(onnx.load(out / "model.onnx"))
+    # An .onnx file works as input too (its folder's tokenizer is used for text).
+    out2 = tmp_path / "int8b"
+    assert main(["quantize", str(tiny_bert_dir / "model.onnx"), "-o", str(out2), "--method", "minmax",
+                 "--num-samples", "32"]) == 0
+    report_dir = tmp_path / "report"
+    code = main(["validate", str(out), "--reference", str(tiny_bert_dir), "--num-samples", "32",
+                 "--report-dir", str(report_dir), "--latency-runs", "2"])
+    assert code == 0
+    doc = json.loads((report_dir / "report.json").read_text())
+    assert doc["providers"][0]["status"] == "ok"
+    # A threshold above what the model reaches fails the command.
+    code = main(["validate", str(out), "--reference", str(tiny_bert_dir), "--num-samples", "16",
+                 "--min-cosine", "1.01", "--latency-runs", "0"])
+    assert code == 1
+
+
+def test_weight_only_int4(tiny_bert_dir, tmp_path):
+    out = tmp_path / "int4"
+    assert main(["quantize", str(tiny_bert_dir), "-o", str(out), "--weight-only", "int4", "--block-size", "32"]) == 0
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "MatMulNBits" in ops
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "missing.onnx", "-o", "out"],
+        ["quantize"],
+        ["quantize", "x.onnx", "-o", "out", "--num-samples", "0"],
+        ["validate", "a.onnx"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_run_tiny_recipe(tmp_path, capsys):
+    assert main(["run", "tiny-bert", "--work-dir", str(tmp_path / "run"), "--num-samples", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 static" in out and "int4 weight-only" in out
