@@ -235,12 +235,15 @@ def quantize_gptq(
     damp: float = 0.01,
     search: bool = True,
     lazy_batch: int = 128,
+    act_order: bool = True,
 ) -> BlockQuantized:
     """GPTQ (Frantar et al., 2022): quantize ``w [rows, k]`` column by column along ``k``, spreading each
     column's rounding error over the columns not yet quantized through the inverse Hessian ``X^T X``.
 
-    Block scales and zero points are chosen (with the same search as :func:`quantize_rtn`) on the
-    error-updated weights when the first column of each block is reached.
+    With ``act_order`` (default) the block scales and zero points are fixed up front (the same search as
+    :func:`quantize_rtn`, weighted by the Hessian diagonal) and the columns are processed in decreasing
+    order of their Hessian diagonal; otherwise block parameters are chosen on the error-updated weights when
+    the first column of each block is reached, in natural order.
 
     Args:
         w: float matrix ``[rows, k]`` (rows = output channels).
@@ -258,7 +261,7 @@ def quantize_gptq(
     H[dead, dead] = 1.0
     wp[:, dead] = 0.0
     H[np.diag_indices(kp)] += damp * float(np.mean(np.diag(H)))
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    Hinv = None if act_order else _upper_inv_chol(H)
 
     q = np.empty((rows, kp), np.uint8)
     scales = np.empty((rows, nb), np.float32)
@@ -266,7 +269,16 @@ def quantize_gptq(
     half = 1 << (bits - 1)
     qmax = (1 << bits) - 1
     lazy = max(lazy_batch // block_size, 1) * block_size
-    diag_h = np.diag(H)
+    diag_h = np.diag(H).copy()
+    if act_order:
+        static = quantize_rtn(
+            wp.astype(np.float32), bits, block_size, symmetric, search=search, importance=diag_h
+        )
+        scales[:] = static.scales
+        if zps is not None:
+            zps[:] = static.zero_points
+        perm = np.argsort(-diag_h, kind="stable")
+        return _gptq_static(wp, H, perm, static, Hinv_of=_upper_inv_chol, lazy=lazy, k=k)
     for i1 in range(0, kp, lazy):
         i2 = min(i1 + lazy, kp)
         W1 = wp[:, i1:i2].copy()
@@ -298,6 +310,48 @@ def quantize_gptq(
             Err[:, j] = err
         wp[:, i2:] -= Err @ Hinv[i1:i2, i2:]
     return BlockQuantized(q=q, scales=scales, zero_points=zps, bits=bits, block_size=block_size, k=k)
+
+
+def _upper_inv_chol(H: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of ``H^-1``."""
+    return np.linalg.cholesky(np.linalg.inv(H)).T
+
+
+def _gptq_static(wp, H, perm, static: BlockQuantized, *, Hinv_of, lazy: int, k: int) -> BlockQuantized:
+    """GPTQ over the columns in order ``perm`` with fixed per-block scales / zero points from ``static``."""
+    rows, kp = wp.shape
+    bits, bs = static.bits, static.block_size
+    qmax = (1 << bits) - 1
+    zp_all = (
+        np.full(static.scales.shape, 1 << (bits - 1), np.float64)
+        if static.zero_points is None
+        else static.zero_points.astype(np.float64)
+    )
+    s_all = static.scales.astype(np.float64)
+    W = wp[:, perm].copy()
+    Hinv = Hinv_of(H[np.ix_(perm, perm)])
+    blk = perm // bs
+    q = np.empty((rows, kp), np.uint8)
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
+        W1 = W[:, i1:i2].copy()
+        Err = np.zeros_like(W1)
+        Hb = Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            b = blk[col]
+            s_raw, z = s_all[:, b], zp_all[:, b]
+            s_safe = np.where(s_raw == 0, 1.0, s_raw)
+            wc = W1[:, j]
+            qc = np.where(s_raw == 0, z, np.clip(np.rint(wc / s_safe) + z, 0, qmax))
+            q[:, perm[col]] = qc.astype(np.uint8)
+            err = (wc - (qc - z) * s_raw) / Hb[j, j]
+            W1[:, j:] -= np.outer(err, Hb[j, j:])
+            Err[:, j] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return BlockQuantized(
+        q=q, scales=static.scales.copy(), zero_points=static.zero_points, bits=bits, block_size=bs, k=k
+    )
 
 
 def on_grid(
