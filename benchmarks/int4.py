@@ -254,7 +254,7 @@ def _table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
 
-        def f(key, fmt):
+        def f(key, fmt, r=r):
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         lines.append(
