@@ -301,7 +301,7 @@ def _load_transformers(source: Any, task: str | None):
             # MatMul -> Add(mask) -> Softmax -> MatMul chain, which QDQ insertion and ORT's attention
             # fusions recognise. Both are numerically identical here (max abs diff ~3e-6 on MiniLM).
             model = auto_cls.from_pretrained(
-                location, attn_implementation="eager", dtype=torch.float32, **kwargs
+                location, config=config, attn_implementation="eager", dtype=torch.float32, **kwargs
             )
         except Exception as exc:
             raise ExportError(
@@ -666,18 +666,24 @@ def _check_parity(spec: _Spec, model_path: Path):
     torch = require("torch", "export")
     import onnxruntime as ort
 
+    # Torch first, then ORT: idle ORT worker threads spin and would slow torch down on a small machine.
+    all_refs = []
+    with torch.no_grad():
+        for inputs in spec.parity:
+            ref = spec.module(*inputs)
+            all_refs.append(
+                [r.detach().float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+            )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = min(4, os.cpu_count() or 1)
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)}") from exc
     max_abs, ref_max, shapes = 0.0, 0.0, []
-    for inputs, mask in zip(spec.parity, spec.masks, strict=True):
-        with torch.no_grad():
-            ref = spec.module(*inputs)
-        refs = [r.detach().float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+    for inputs, mask, refs in zip(spec.parity, spec.masks, all_refs, strict=True):
         feeds = {
             n: x.numpy() for n, x in zip(spec.input_names, inputs, strict=True) if isinstance(x, torch.Tensor)
         }
