@@ -97,6 +97,11 @@ class ExportResult:
     tied_weights: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
 
+    @property
+    def path(self) -> Path:
+        """The exported folder (same as ``output_dir``)."""
+        return self.output_dir
+
 
 def infer_task(config: Any) -> str:
     """The task of a transformers config, from ``config.architectures``.

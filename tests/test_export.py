@@ -106,6 +106,7 @@ def test_export_result_reports_parity(tiny_bert_src, tmp_out):
     assert result.task == "feature-extraction"
     assert result.exporter == "torchscript"
     assert result.model_path == tmp_out.absolute() / "model.onnx"
+    assert result.path == result.output_dir == tmp_out.absolute()
     assert result.output_names == ("last_hidden_state",)
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
     assert result.max_rel_diff < 1e-5
