@@ -111,8 +111,12 @@ def _documents() -> Iterator[str]:
             with warnings.catch_warnings():  # typing.io / typing.re warn on access
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj = getattr(mod, attr)
-            if getattr(obj, "__module__", None) == mod.__name__ and (inspect.isfunction(obj) or inspect.isclass(obj)):
-                yield inspect.getdoc(obj) or ""
+                if getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                    continue
+                doc = inspect.getdoc(obj) or ""
+            yield doc
 
 
 def real_text(split: str = "calibration", num_samples: int | None = None) -> list[str]:

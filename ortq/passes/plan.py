@@ -155,12 +155,14 @@ def mask_only_values(graph: ir.Graph) -> set[str]:
     if not mask_inputs:
         return set()
     tainted: set[str] = set(mask_inputs)
+    constant: set[str] = set(graph.initializers)
     for node in graph:  # graph nodes are topologically sorted
         ins = [v for v in node.inputs if v is not None]
-        from_mask = [v for v in ins if v.name in tainted]
-        others = [v for v in ins if v.name not in tainted and v.const_value is None and v.producer() is not None]
-        graph_ins = [v for v in ins if v.is_graph_input() and v.name not in tainted]
-        if from_mask and not others and not graph_ins:
+        if all(v.name in constant or v.const_value is not None for v in ins):
+            constant.update(o.name for o in node.outputs)  # Constant nodes and folds of constants
+            continue
+        rest = [v for v in ins if v.name not in tainted and v.name not in constant and v.const_value is None]
+        if not rest:
             tainted.update(o.name for o in node.outputs)
     return tainted
 

@@ -1,0 +1,326 @@
+"""Run ONNX Runtime over calibration batches and stream the statistics of chosen tensors into observers.
+
+Nothing is kept between batches but the observers' state, so memory is flat in the number of samples.
+
+* MinMax reduces inside the graph: for each observed tensor the augmented model also outputs its per-row
+  minimum and maximum (``ReduceMin``/``ReduceMax`` over the trailing axes), so only ``[batch, seq]``-sized
+  arrays cross into Python. Rows that are padding (``attention_mask == 0``) or that hold non-finite /
+  mask-sentinel values are dropped there.
+* Histogram methods fetch the tensor, drop padded positions, and bin the rest (see ``_histogram``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from ortq.calibrators.base import SENTINEL_ABS, Observer, TensorRange, make_observer, observer_class
+from ortq.config import CalibrationConfig, CalibrationMethod
+from ortq.errors import CalibrationDataError, ModelError
+
+logger = logging.getLogger(__name__)
+
+_MAX_PROTO_BYTES = 1_800_000_000
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+class CalibrationState:
+    """The observers of every calibrated tensor: mergeable, saveable, resumable."""
+
+    def __init__(self, config: CalibrationConfig, observers: dict[str, Observer] | None = None):
+        self.config = config
+        self.observers: dict[str, Observer] = observers if observers is not None else {}
+        self.num_samples = 0
+        self.num_batches = 0
+
+    def observer(self, name: str) -> Observer:
+        if name not in self.observers:
+            self.observers[name] = make_observer(self.config)
+        return self.observers[name]
+
+    def merge(self, other: CalibrationState) -> None:
+        """Fold ``other`` (same method) into this state: partial fits on shards add up to one fit."""
+        if other.config.method != self.config.method:
+            raise CalibrationDataError(
+                f"cannot merge {other.config.method.value} statistics into {self.config.method.value} statistics"
+            )
+        for name, obs in other.observers.items():
+            self.observer(name).merge(obs)
+        self.num_samples += other.num_samples
+        self.num_batches += other.num_batches
+
+    def compute_ranges(self) -> dict[str, TensorRange]:
+        return {name: obs.compute_range() for name, obs in self.observers.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """What went into the ranges, for reports: samples, method, excluded (non-finite / mask) counts."""
+        excluded = {n: o.num_excluded for n, o in self.observers.items() if o.num_excluded}
+        return {
+            "method": self.config.method.value,
+            "config": self.config.to_dict(),
+            "num_samples": self.num_samples,
+            "num_batches": self.num_batches,
+            "num_tensors": len(self.observers),
+            "tensors_with_excluded_values": excluded,
+            "num_excluded_values": int(sum(excluded.values())),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to an ``.npz`` file (atomically)."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        names = list(self.observers)
+        for i, name in enumerate(names):
+            for key, value in self.observers[name].state_dict().items():
+                arrays[f"{i}/{key}"] = np.asarray(value)
+        meta = {
+            "format": "ortq-calibration-state-1",
+            "config": self.config.to_dict(),
+            "names": names,
+            "num_samples": self.num_samples,
+            "num_batches": self.num_batches,
+        }
+        arrays["__meta__"] = np.array(json.dumps(meta))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationState:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["__meta__"]))
+                data = {k: npz[k] for k in npz.files if k != "__meta__"}
+        except FileNotFoundError:
+            raise CalibrationDataError(f"{path}: no such calibration state file") from None
+        except Exception as exc:
+            raise CalibrationDataError(f"{path}: not an ortq calibration state ({type(exc).__name__})") from exc
+        if meta.get("format") != "ortq-calibration-state-1":
+            raise CalibrationDataError(f"{path}: unknown calibration state format {meta.get('format')!r}")
+        config = CalibrationConfig.from_dict(meta["config"])
+        obs_cls = observer_class(config)
+        state = cls(config)
+        for i, name in enumerate(meta["names"]):
+            prefix = f"{i}/"
+            fields = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+            state.observers[name] = obs_cls.from_state_dict(config, fields)
+        state.num_samples = int(meta["num_samples"])
+        state.num_batches = int(meta["num_batches"])
+        return state
+
+
+def _load_proto(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(str(model))
+    except Exception as exc:
+        raise ModelError(f"{model}: cannot load ({exc})") from exc
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value the graph knows (after shape inference where it succeeds)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < _MAX_PROTO_BYTES else proto
+    except Exception:
+        inferred = proto
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+class RangeCollector:
+    """Streams tensor statistics of ``model`` over calibration batches into a :class:`CalibrationState`.
+
+    Args:
+        model: the float model (path or proto).
+        tensor_names: the activations to observe.
+        config: the calibration method and its settings.
+        providers: ONNX Runtime providers (default CPU).
+        intra_op_num_threads: threads of the calibration session (None: ONNX Runtime's default).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | onnx.ModelProto,
+        tensor_names: Sequence[str],
+        config: CalibrationConfig,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_num_threads: int | None = None,
+    ):
+        self.config = config
+        self.state = CalibrationState(config)
+        proto = _load_proto(model)
+        types = _value_types(proto)
+        produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+        names = []
+        for name in dict.fromkeys(tensor_names):
+            if name not in produced:
+                raise ModelError(f"tensor {name!r} is not produced by the graph")
+            if types.get(name, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES:
+                logger.debug("skipping non-float tensor %s", name)
+                continue
+            names.append(name)
+        self.tensor_names = names
+        for name in names:
+            self.state.observer(name)
+        self._in_graph = config.method is CalibrationMethod.MINMAX
+        self._providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self._threads = intra_op_num_threads
+        self._proto = self._augment(proto)
+        self._session = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    # --------------------------------------------------------------------------------------- the graph
+
+    def _augment(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        aug = onnx.ModelProto()
+        aug.CopyFrom(proto)
+        graph = aug.graph
+        existing = {o.name for o in graph.output}
+        opset = next((o.version for o in aug.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self._outputs: dict[str, tuple[str, ...]] = {}
+        for i, name in enumerate(self.tensor_names):
+            if not self._in_graph:
+                if name not in existing:
+                    graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                self._outputs[name] = (name,)
+                continue
+            # Per-row extremes: reshape to [d0, d1, -1] (shape padded with 1s for ranks < 2), reduce axis 2.
+            x = f"__ortq_f32_{i}"
+            graph.node.append(onnx.helper.make_node("Cast", [name], [x], to=onnx.TensorProto.FLOAT))
+            shape, padded, lead, target, rows = (f"__ortq_{k}_{i}" for k in ("shape", "padded", "lead", "target", "rows"))
+            graph.node.append(onnx.helper.make_node("Shape", [x], [shape]))
+            graph.node.append(onnx.helper.make_node("Concat", [shape, "__ortq_ones"], [padded], axis=0))
+            graph.node.append(onnx.helper.make_node("Slice", [padded, "__ortq_zero", "__ortq_two"], [lead]))
+            graph.node.append(onnx.helper.make_node("Concat", [lead, "__ortq_minus_one"], [target], axis=0))
+            graph.node.append(onnx.helper.make_node("Reshape", [x, target], [rows]))
+            lo, hi = f"__ortq_min_{i}", f"__ortq_max_{i}"
+            if opset >= 18:
+                graph.node.append(onnx.helper.make_node("ReduceMin", [rows, "__ortq_axis2"], [lo], keepdims=0))
+                graph.node.append(onnx.helper.make_node("ReduceMax", [rows, "__ortq_axis2"], [hi], keepdims=0))
+            else:
+                graph.node.append(onnx.helper.make_node("ReduceMin", [rows], [lo], axes=[2], keepdims=0))
+                graph.node.append(onnx.helper.make_node("ReduceMax", [rows], [hi], axes=[2], keepdims=0))
+            graph.output.extend(
+                [onnx.helper.make_empty_tensor_value_info(lo), onnx.helper.make_empty_tensor_value_info(hi)]
+            )
+            self._outputs[name] = (lo, hi)
+        if self._in_graph and self.tensor_names:
+            consts = {
+                "__ortq_ones": np.array([1, 1], np.int64),
+                "__ortq_zero": np.array([0], np.int64),
+                "__ortq_two": np.array([2], np.int64),
+                "__ortq_minus_one": np.array([-1], np.int64),
+                "__ortq_axis2": np.array([2], np.int64),
+            }
+            graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
+        return aug
+
+    def _session_for_run(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            if self._threads:
+                so.intra_op_num_threads = self._threads
+            # Plain execution: fusions could remove the very tensors we observe.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            try:
+                if self._proto.ByteSize() > _MAX_PROTO_BYTES:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="ortq-calib-")
+                    path = Path(self._tmp.name) / "augmented.onnx"
+                    onnx.save_model(self._proto, str(path), save_as_external_data=True, location="augmented.onnx.data")
+                    self._session = ort.InferenceSession(str(path), so, providers=self._providers)
+                else:
+                    self._session = ort.InferenceSession(self._proto.SerializeToString(), so, providers=self._providers)
+            except Exception as exc:
+                raise ModelError(f"onnxruntime could not load the model for calibration: {_first_line(exc)}") from exc
+        return self._session
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def collect(
+        self, batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None, *, show_progress: bool = True
+    ) -> CalibrationState:
+        """Run every batch and fold its statistics in; may be called again with more data."""
+        session = self._session_for_run()
+        fetch = [o for name in self.tensor_names for o in self._outputs[name]]
+        input_names = {i.name for i in session.get_inputs()}
+        bar = tqdm(total=total, desc=f"calibrating ({self.config.method.value})", unit="batch", disable=not show_progress)
+        try:
+            for feeds in batches:
+                feeds = {k: v for k, v in feeds.items() if k in input_names}
+                try:
+                    outs = session.run(fetch, feeds)
+                except Exception as exc:
+                    raise CalibrationDataError(
+                        f"onnxruntime failed on a calibration batch: {_first_line(exc)}"
+                    ) from exc
+                self._fold(dict(zip(fetch, outs)), feeds.get("attention_mask") if self.config.exclude_padding else None)
+                n = len(next(iter(feeds.values()))) if feeds else 0
+                self.state.num_samples += n
+                self.state.num_batches += 1
+                bar.update(1)
+        finally:
+            bar.close()
+        if self.state.num_batches == 0:
+            raise CalibrationDataError("calibration data produced no batches")
+        return self.state
+
+    def _fold(self, outs: dict[str, np.ndarray], mask: np.ndarray | None) -> None:
+        for name in self.tensor_names:
+            obs = self.state.observers[name]
+            if self._in_graph:
+                lo, hi = outs[self._outputs[name][0]], outs[self._outputs[name][1]]
+                keep = _row_mask(lo.shape, mask)
+                lo, hi = lo[keep] if keep is not None else lo.ravel(), hi[keep] if keep is not None else hi.ravel()
+                bad = ~((np.abs(lo) < SENTINEL_ABS) & (np.abs(hi) < SENTINEL_ABS))
+                if bad.any():
+                    obs.num_excluded += int(bad.sum())
+                    lo, hi = lo[~bad], hi[~bad]
+                if lo.size:
+                    obs.num_values += int(lo.size)
+                    obs.update_extremes(float(lo.min()), float(hi.max()))
+            else:
+                x = outs[name]
+                keep = _row_mask(x.shape, mask)
+                obs.update(x[keep] if keep is not None else x)
+
+
+def _row_mask(shape: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray | tuple | None:
+    """An index selecting the non-padded positions of a tensor laid out [batch, seq, ...], else None."""
+    if mask is None or len(shape) < 2 or mask.ndim != 2:
+        return None
+    b, s = mask.shape
+    if shape[0] != b:
+        return None
+    m = mask.astype(bool)
+    if shape[1] == s:
+        return m  # [batch, seq, ...]
+    if len(shape) >= 3 and shape[2] == s:
+        return np.broadcast_to(m[:, None, :], shape[:3])  # [batch, heads, seq, ...]
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
