@@ -1,0 +1,185 @@
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from ortq.calibrators import CalibrationState, RangeCollector, make_observer
+from ortq.calibrators._histogram import StreamingHistogram
+from ortq.calibrators.entropy import kl_threshold_bins
+from ortq.config import AutoCalibrationConfig, CalibrationConfig
+
+METHODS = {
+    "minmax": AutoCalibrationConfig.minmax(),
+    "percentile": AutoCalibrationConfig.percentiles(percentile=99.9),
+    "entropy": AutoCalibrationConfig.entropy(),
+}
+
+
+def _feed(obs, data, batch):
+    for i in range(0, data.size, batch):
+        obs.update(data[i : i + batch])
+    return obs
+
+
+def test_minmax_known_answer_and_moving_average():
+    obs = _feed(make_observer(METHODS["minmax"]), np.array([1.0, -2.0, 3.0, 0.5], np.float32), 2)
+    r = obs.compute_range()
+    assert (r.low, r.high, r.num_values) == (-2.0, 3.0, 4)
+    ma = make_observer(AutoCalibrationConfig.minmax(moving_average=True, averaging_constant=0.5))
+    ma.update(np.array([0.0, 4.0], np.float32))
+    ma.update(np.array([-2.0, 2.0], np.float32))
+    r = ma.compute_range()
+    assert (r.low, r.high) == (-1.0, 3.0)  # 0 + 0.5 * (-2 - 0), 4 + 0.5 * (2 - 4)
+
+
+@pytest.mark.parametrize("q", [99.0, 99.9, 99.99])
+def test_percentile_matches_numpy_within_a_bin(q):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(200_000).astype(np.float32)
+    obs = _feed(make_observer(AutoCalibrationConfig.percentiles(percentile=q)), data, 10_000)
+    r = obs.compute_range()
+    width = obs.hist.bin_width
+    assert r.high == pytest.approx(np.percentile(data, q), abs=width)
+    assert r.low == pytest.approx(np.percentile(data, 100 - q), abs=width)
+    sym = _feed(make_observer(AutoCalibrationConfig.percentiles(percentile=q, symmetric=True)), data, 10_000)
+    t = sym.compute_range().high
+    assert t == pytest.approx(np.percentile(np.abs(data), q), abs=width)
+    assert sym.compute_range().low == -t
+
+
+def test_entropy_clips_heavy_tails_but_not_uniform_data():
+    rng = np.random.default_rng(1)
+    heavy = rng.standard_t(df=2, size=300_000).astype(np.float32)
+    ent = _feed(make_observer(METHODS["entropy"]), heavy, 50_000).compute_range()
+    mm = _feed(make_observer(METHODS["minmax"]), heavy, 50_000).compute_range()
+    assert ent.high < 0.5 * mm.high and ent.low > 0.5 * mm.low
+    assert ent.high > np.percentile(heavy, 99)  # but it keeps the bulk
+    uniform = rng.uniform(-1, 1, 300_000).astype(np.float32)
+    ent_u = _feed(make_observer(METHODS["entropy"]), uniform, 50_000).compute_range()
+    assert ent_u.high > 0.9 and ent_u.low < -0.9
+
+
+def test_kl_search_known_cases():
+    # Mass only in the first nq bins: the threshold is where the data ends.
+    counts = np.zeros(1024)
+    counts[:100] = 5
+    assert kl_threshold_bins(counts, 128) == 100
+    # One far outlier beyond a decaying bulk: clipped at the end of the bulk.
+    counts = np.zeros(1024)
+    counts[:300] = np.round(1e5 * np.exp(-np.arange(300) / 40))
+    counts[1000] = 1
+    assert kl_threshold_bins(counts, 128) <= 300
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batch_size_order_and_sharding_invariance(method):
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal(60_000) * np.exp(rng.standard_normal(60_000))).astype(np.float32)
+    config = METHODS[method]
+    ranges = []
+    for batch in (100, 7_000, 60_000):
+        ranges.append(_feed(make_observer(config), data, batch).compute_range())
+    shuffled = data[rng.permutation(data.size)]
+    ranges.append(_feed(make_observer(config), shuffled, 3_000).compute_range())
+    a, b = make_observer(config), make_observer(config)
+    _feed(a, data[:25_000], 5_000)
+    _feed(b, data[25_000:], 5_000)
+    a.merge(b)
+    ranges.append(a.compute_range())
+    for r in ranges[1:]:
+        assert (r.low, r.high, r.num_values) == (ranges[0].low, ranges[0].high, ranges[0].num_values)
+
+
+def test_histogram_growth_is_exact():
+    rng = np.random.default_rng(3)
+    small = rng.uniform(-0.3, 0.3, 1000).astype(np.float32)
+    big = rng.uniform(-50, 50, 1000).astype(np.float32)
+    h1 = StreamingHistogram(256)
+    h1.update(small)
+    h1.update(big)
+    h2 = StreamingHistogram(256)
+    h2.update(np.concatenate([big, small]))
+    np.testing.assert_array_equal(h1.counts, h2.counts)
+    assert h1.radius == 64.0 and h1.total == 2000
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_non_finite_and_mask_values_are_excluded_and_counted(method):
+    obs = make_observer(METHODS[method])
+    x = np.array([1.0, -1.0, np.inf, -np.inf, np.nan, -3.4028235e38, 0.5], np.float32)
+    obs.update(x)
+    r = obs.compute_range()
+    assert math.isfinite(r.low) and math.isfinite(r.high)
+    assert r.num_excluded == 4 and r.num_values == 3
+    assert -1.0 <= r.low <= 0 <= r.high <= 1.0
+    only_bad = make_observer(METHODS[method])
+    only_bad.update(np.array([np.nan, np.inf], np.float32))
+    r = only_bad.compute_range()
+    assert (r.low, r.high, r.num_values, r.num_excluded) == (0.0, 0.0, 0, 2)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_state_round_trip(method, tmp_path):
+    config = METHODS[method]
+    state = CalibrationState(config)
+    rng = np.random.default_rng(4)
+    state.observer("a").update(rng.standard_normal(5000).astype(np.float32))
+    state.observer("b").update(np.array([np.nan, 2.0], np.float32))
+    state.num_samples = 10
+    state.save(tmp_path / "s.npz")
+    loaded = CalibrationState.load(tmp_path / "s.npz")
+    assert loaded.compute_ranges() == state.compute_ranges()
+    assert loaded.num_samples == 10 and loaded.config == config
+
+
+SEQ_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, S, 4] x, int64[B, S] attention_mask) => (float[B, S, 4] y) {
+    h = Mul(x, two)
+    y = Relu(h)
+}
+"""
+
+
+def _seq_model():
+    proto = onnx.parser.parse_model(SEQ_MODEL)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    return proto
+
+
+def _batch(rng, lengths, pad_value=1000.0):
+    b, s = len(lengths), max(lengths)
+    x = rng.standard_normal((b, s, 4)).astype(np.float32)
+    mask = np.zeros((b, s), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        x[i, n:] = pad_value
+    return {"x": x, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_collector_ignores_padding(method):
+    rng = np.random.default_rng(5)
+    batches = [_batch(rng, [3, 5, 2]), _batch(rng, [4, 1])]
+    real = np.concatenate([2 * f["x"][f["attention_mask"].astype(bool)].ravel() for f in batches])
+    collector = RangeCollector(_seq_model(), ["h", "y"], METHODS[method], intra_op_num_threads=1)
+    state = collector.collect(batches, show_progress=False)
+    r = state.compute_ranges()["h"]
+    assert r.high < 100  # the 2000s at padded positions never entered
+    if method == "minmax":
+        assert (r.low, r.high) == (float(real.min()), float(real.max()))
+    assert state.num_samples == 5 and state.num_batches == 2
+    with_padding = RangeCollector(
+        _seq_model(), ["h"], CalibrationConfig(method=method, exclude_padding=False), intra_op_num_threads=1
+    ).collect(batches, show_progress=False)
+    assert with_padding.compute_ranges()["h"].high >= 100
+
+
+def test_collector_counts_mask_sentinels():
+    rng = np.random.default_rng(6)
+    f = _batch(rng, [2, 2])
+    f["x"][0, 0, 0] = -3.4e38
+    collector = RangeCollector(_seq_model(), ["h"], METHODS["minmax"], intra_op_num_threads=1)
+    r = collector.collect([f], show_progress=False).compute_ranges()["h"]
+    assert math.isfinite(r.low) and r.num_excluded >= 1
