@@ -197,16 +197,22 @@ def _smollm2(work: Path, quick: bool) -> list[dict]:
         ids = tok("\n".join(real_text(split)))["input_ids"]
         return [np.array(ids[i * seq : (i + 1) * seq], np.int64) for i in range(min(n, len(ids) // seq))]
 
+    fp32 = _session(src)
+    input_names = {i.name for i in fp32.get_inputs()}
+
+    def feeds(x: np.ndarray) -> dict[str, np.ndarray]:
+        f = {"input_ids": x[None], "attention_mask": np.ones((1, len(x)), np.int64)}
+        if "position_ids" in input_names:
+            f["position_ids"] = np.arange(len(x), dtype=np.int64)[None]
+        return f
+
     held = chunks("heldout", 6 if quick else 16)
-    calib = [
-        {"input_ids": c[None], "attention_mask": np.ones((1, seq), np.int64)}
-        for c in chunks("calibration", 64)
-    ]
+    calib = [feeds(c) for c in chunks("calibration", 64)]
 
     def ppl(sess) -> float:
         nll, cnt = 0.0, 0
         for x in held:
-            lg = sess.run(None, {"input_ids": x[None], "attention_mask": np.ones((1, seq), np.int64)})[0][0]
+            lg = sess.run(None, feeds(x))[0][0]
             lg = lg.astype(np.float64)
             lg -= lg.max(-1, keepdims=True)
             lp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
@@ -220,9 +226,8 @@ def _smollm2(work: Path, quick: bool) -> list[dict]:
         "ort MatMulNBits rtn": lambda d: _ort_quantizer(src, d, "rtn", 32) + ({},),
         "ort MatMulNBits hqq": lambda d: _ort_quantizer(src, d, "hqq", 32) + ({},),
     }
-    fp32 = _session(src)
     base = ppl(fp32)
-    lat_feeds = {"input_ids": held[0][None, :128], "attention_mask": np.ones((1, 128), np.int64)}
+    lat_feeds = feeds(held[0][:128])
     rows = [
         {"model": "SmolLM2", "variant": "fp32", "size_mb": _files_mb(src_dir), "ppl": base, "ppl_rel": 0.0}
     ]
