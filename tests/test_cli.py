@@ -26,7 +26,7 @@ def test_quantize_and_validate_forms(tiny_bert_dir, tmp_path, capsys):
     assert doc["providers"][0]["status"] == "ok"
     # A threshold above what the model reaches fails the command.
     code = main(["validate", str(out), "--reference", str(tiny_bert_dir), "--num-samples", "16",
-                 "--min-cosine", "1.01", "--latency-runs", "0"])
+                 "--min-sqnr", "200", "--latency-runs", "0"])
     assert code == 1
 
 

@@ -230,8 +230,9 @@ class RangeCollector:
                 "__ortq_zero": np.array([0], np.int64),
                 "__ortq_two": np.array([2], np.int64),
                 "__ortq_minus_one": np.array([-1], np.int64),
-                "__ortq_axis2": np.array([2], np.int64),
             }
+            if opset >= 18:
+                consts["__ortq_axis2"] = np.array([2], np.int64)
             graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
         return aug
 
