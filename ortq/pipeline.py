@@ -49,7 +49,10 @@ class RunResult:
             f"ortq run {self.recipe}: {self.num_calibration_samples} calibration / "
             f"{self.num_heldout_samples} held-out real sentences, CPU EP, 2 threads, outputs in {self.work_dir}\n"
         )
-        cols = ["model", "size MB", "cosine mean", "cosine min", "SQNR dB", "task agreement", "latency ms", "speedup"]
+        cols = [
+            "model", "size MB", "output cosine mean / min", "SQNR dB", "embedding cosine mean / min",
+            "task agreement", "latency ms", "speedup",
+        ]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         fp32_ms = None
         for row in self.rows:
@@ -68,9 +71,11 @@ class RunResult:
                     [
                         row.name,
                         f"{row.size_mb:.1f}",
-                        _fmt(fid.get("cosine"), ".4f"),
-                        _fmt(fid.get("cosine_min"), ".4f"),
+                        f"{_fmt(fid.get('cosine'), '.4f')} / {_fmt(fid.get('cosine_min'), '.4f')}",
                         _fmt(fid.get("sqnr_db"), ".1f"),
+                        f"{_fmt(task.get('embedding_cosine_mean'), '.4f')} / {_fmt(task.get('embedding_cosine_min'), '.4f')}"
+                        if "embedding_cosine_mean" in task
+                        else "–",
                         f"{task.get('metric', '')} {_fmt(agreement, '.3f')}".strip() if task else "–",
                         _fmt(q_ms, ".1f"),
                         f"{1 / ratio:.2f}x" if ratio else "–",
@@ -78,7 +83,7 @@ class RunResult:
                 )
                 + " |"
             )
-        fp32 = f"| fp32 | {self._fp32_size():.1f} | 1 | 1 | – | – | {_fmt(fp32_ms, '.1f')} | 1.00x |"
+        fp32 = f"| fp32 | {self._fp32_size():.1f} | 1 / 1 | – | 1 / 1 | – | {_fmt(fp32_ms, '.1f')} | 1.00x |"
         lines.insert(2, fp32)
         extra = ""
         if self.export_max_abs_diff is not None:
