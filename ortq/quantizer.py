@@ -44,6 +44,7 @@ from ortq.io import (
 )
 from ortq.passes.insert_qdq import insert_qdq
 from ortq.passes.plan import QuantPlan, calibration_targets, make_plan
+from ortq.passes.prepare import Preparation, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ORTQuantizer:
         # SmoothQuant rewrites the float model before calibration: (alpha, per-activation summary).
         self._smoothing: tuple[float, dict[str, Any]] | None = None
         self.last_plan: QuantPlan | None = None
+        # What loading normalized (opset upgrade, lifted Constant nodes) and the nodes it leaves in float.
+        self.preparation: Preparation | None = None
         self.last_report: dict[str, Any] | None = None
 
     @classmethod
@@ -78,7 +81,7 @@ class ORTQuantizer:
     @property
     def proto(self) -> onnx.ModelProto:
         if self._proto is None:
-            self._proto = load_model(self.model_path)
+            self._proto, self.preparation = prepare_model(load_model(self.model_path), source=str(self.model_path))
         return self._proto
 
     def _ir_model(self) -> ir.Model:
@@ -225,6 +228,8 @@ class ORTQuantizer:
             model, report = self._static(
                 quantization_config, calibration_tensors_range, calibration_data, calibration_config
             )
+        if self.preparation is not None:
+            report["prepare"] = self.preparation.to_dict()
         proto = ir.to_proto(model)
         try:
             onnx.checker.check_model(proto if proto.ByteSize() < 1_800_000_000 else proto, full_check=False)

@@ -23,7 +23,8 @@ from ortq.config import PerChannel, QuantizationConfig, QuantType
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# QDQ scales are float32 and QuantizeLinear takes float32 below opset 19: float16 / bfloat16 tensors stay float.
+_FLOAT_TYPES = (ir.DataType.FLOAT,)
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ def _decide(
         if v is None:
             return keep(f"input {role.index} is missing")
         if not _is_float(v):
-            return keep(f"input {v.name!r} is not a float tensor")
+            return keep(f"input {v.name!r} is {v.dtype.name.lower() if v.dtype else '?'}, not float32")
         if role.kind == "activation":
             if v.name in masked:
                 return keep(f"input {v.name!r} is on the attention-mask path")

@@ -1,0 +1,210 @@
+"""Normalize a loaded float model before planning, so that graphs from other exporters plan like ours.
+
+* Weights stored as ``Constant`` nodes (older PyTorch exports, tf2onnx, paddle2onnx) become initializers, so
+  the planner sees them as constant weights.
+* Opsets below 13 (per-channel ``DequantizeLinear`` needs 13) are upgraded with ``onnx.version_converter``;
+  a conversion that fails is refused with a :class:`~ortq.errors.ModelError`.
+* Shape inference fills in element types when a quantizable node's inputs have none (an integer ``MatMul``
+  must not get QDQ pairs).
+* Nodes holding subgraphs (``If``, ``Loop``, ``Scan``) and recurrent nodes (``LSTM``, ``GRU``, ``RNN``) stay in
+  float: only the main graph is quantized. Each is recorded with its reason.
+* Models that are already quantized are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from ortq.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+TARGET_OPSET = 13
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+QUANTIZED_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+)
+# Op types whose float inputs the planner may quantize; their input types must be known.
+_QUANTIZABLE = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass
+class Preparation:
+    """What :func:`prepare_model` changed, and the nodes it leaves in float with their reasons."""
+
+    source_opset: int
+    opset: int
+    lifted_constants: int = 0
+    shape_inference: bool = False
+    float_nodes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_opset": self.source_opset,
+            "opset": self.opset,
+            "lifted_constants": self.lifted_constants,
+            "shape_inference": self.shape_inference,
+            "float_nodes": dict(self.float_nodes),
+        }
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _iter_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_nodes(g)
+
+
+def _is_default_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _count_subgraph_nodes(node: onnx.NodeProto) -> int:
+    n = 0
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            n += sum(1 for _ in _iter_nodes(g))
+    return n
+
+
+def _upgrade_opset(model: onnx.ModelProto, source: str, opset: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError / ConvertError / ValueError
+        raise ModelError(
+            f"{source}: opset {opset} could not be upgraded to {TARGET_OPSET} for QDQ quantization "
+            f"({_first_line(exc)}); re-export the model with opset >= {TARGET_OPSET}"
+        ) from exc
+    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    if converted.ir_version < min_ir:
+        converted.ir_version = min_ir
+    try:
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise ModelError(
+            f"{source}: upgrading opset {opset} to {TARGET_OPSET} gave an invalid model ({_first_line(exc)}); "
+            f"re-export the model with opset >= {TARGET_OPSET}"
+        ) from exc
+    logger.info("%s: opset upgraded from %d to %d", source, opset, TARGET_OPSET)
+    return converted
+
+
+def _lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Turn tensor-valued ``Constant`` nodes (of any graph) into initializers of their graph."""
+    before = sum(1 for n in _iter_nodes(model.graph) if n.op_type == "Constant" and _is_default_domain(n))
+    if not before:
+        return model, 0
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    try:
+        ir_model = ir.from_proto(model)
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(ir_model)
+        lifted = ir.to_proto(ir_model)
+    except Exception as exc:
+        raise ModelError(f"cannot lift Constant nodes to initializers ({_first_line(exc)})") from exc
+    after = sum(1 for n in _iter_nodes(lifted.graph) if n.op_type == "Constant" and _is_default_domain(n))
+    return lifted, before - after
+
+
+def _missing_types(model: onnx.ModelProto) -> bool:
+    """True when some input of a quantizable main-graph node has no known element type."""
+    g = model.graph
+    known = {v.name for v in (*g.input, *g.value_info, *g.output) if v.type.tensor_type.elem_type}
+    known |= {t.name for t in g.initializer}
+    for node in g.node:
+        if node.op_type in _QUANTIZABLE and _is_default_domain(node):
+            if any(name and name not in known for name in node.input):
+                return True
+    return False
+
+
+def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    if model.ByteSize() >= _EXTERNAL_DATA_THRESHOLD:
+        return model, False
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False), True
+    except Exception as exc:  # inference is a help, not a requirement: ONNX Runtime has the last word
+        logger.debug("shape inference failed: %s", _first_line(exc))
+        return model, False
+
+
+def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, Preparation]:
+    """Normalize ``model`` for planning (see the module docstring). ``model`` itself is not modified.
+
+    Args:
+        model: a loaded, checked float model.
+        source: how to name the model in error messages (its path).
+
+    Returns:
+        The prepared model (``model`` itself when nothing needed a change) and what was done.
+
+    Raises:
+        ModelError: the model is already quantized, or its opset cannot be upgraded.
+    """
+    quantized = sorted(
+        {n.op_type for n in _iter_nodes(model.graph) if n.op_type in QUANTIZED_OPS and n.domain in ("", "ai.onnx", "com.microsoft")}
+    )
+    if quantized:
+        raise ModelError(
+            f"{source}: the model is already quantized (holds {', '.join(quantized)}); quantize the float model"
+        )
+    opset = _default_opset(model)
+    prep = Preparation(source_opset=opset, opset=opset)
+    if 0 < opset < TARGET_OPSET:
+        model = _upgrade_opset(model, source, opset)
+        prep.opset = _default_opset(model)
+    model, prep.lifted_constants = _lift_constants(model)
+    if prep.lifted_constants:
+        logger.info("%s: %d Constant nodes lifted to initializers", source, prep.lifted_constants)
+    if _missing_types(model):
+        model, prep.shape_inference = _infer_shapes(model)
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if not _is_default_domain(node):
+            continue
+        if node.op_type in SUBGRAPH_OPS:
+            inner = _count_subgraph_nodes(node)
+            prep.float_nodes[name] = (
+                f"{node.op_type} holds subgraphs: only the main graph is quantized, its {inner} inner nodes "
+                "stay in float"
+            )
+        elif node.op_type in RECURRENT_OPS:
+            prep.float_nodes[name] = f"recurrent op {node.op_type}: its gate weights stay in float (no QDQ rule)"
+    if prep.float_nodes:
+        logger.info("%s: %d nodes with subgraphs or recurrences stay in float", source, len(prep.float_nodes))
+    return model, prep
