@@ -91,7 +91,7 @@ def _static_config(args: argparse.Namespace):
     if args.exclude:
         kwargs["nodes_to_exclude"] = tuple(args.exclude)
     if args.operators:
-        kwargs["operators_to_quantize"] = tuple(args.operators.split(","))
+        kwargs["operators_to_quantize"] = tuple(o.strip() for o in args.operators.split(",") if o.strip())
     if args.smooth_quant is not None:
         kwargs["smooth_quant_alpha"] = args.smooth_quant
     return AutoQuantizationConfig.from_name(args.preset, **kwargs)
@@ -116,6 +116,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from ortq.quantizer import ORTQuantizer
 
     quantizer = ORTQuantizer.from_pretrained(args.input)
+    quantizer.show_progress = not args.quiet
     if args.weight_only:
         config = _weight_only_config(args)
         data = args.calibration_data

@@ -47,6 +47,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     except FileNotFoundError as exc:
         raise ModelError(f"{p}: external data file missing ({exc.filename or exc})") from exc
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
+        missing = _missing_external_data(p) if load_external_data else None
+        if missing:
+            raise ModelError(
+                f"{p}: external data file {missing!r} is missing; keep it next to the model it belongs to"
+            ) from exc
         raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
     if not model.graph.node:
         raise ModelError(f"{p}: the ONNX graph has no nodes")
@@ -61,6 +66,22 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             "upgrade it with onnx.version_converter"
         )
     return model
+
+
+def _missing_external_data(path: Path) -> str | None:
+    """The first external data file ``path`` refers to that does not exist, if any."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+        for tensor in _get_all_tensors(model):
+            if uses_external_data(tensor):
+                location = ExternalDataInfo(tensor).location
+                if not (path.parent / location).is_file():
+                    return location
+    except Exception:
+        return None
+    return None
 
 
 def default_opset(model: onnx.ModelProto) -> int:

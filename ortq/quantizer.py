@@ -67,6 +67,8 @@ class ORTQuantizer:
         # What loading normalized (opset upgrade, lifted Constant nodes) and the nodes it leaves in float.
         self.preparation: Preparation | None = None
         self.last_report: dict[str, Any] | None = None
+        # Progress bars of calibration (the CLI turns them off with --quiet).
+        self.show_progress = True
 
     @classmethod
     def from_pretrained(cls, model_or_path: str | os.PathLike, file_name: str | None = None) -> ORTQuantizer:
@@ -128,9 +130,11 @@ class ORTQuantizer:
         batch_size: int | None = None,
         max_length: int = 128,
         providers: tuple[str, ...] | None = None,
-        show_progress: bool = True,
+        show_progress: bool | None = None,
     ) -> None:
         """Add ``dataset`` to the running activation statistics."""
+        if show_progress is None:
+            show_progress = self.show_progress
         if self._calibration_config is not None and calibration_config != self._calibration_config:
             raise ConfigError("partial_fit called with a different calibration config than before")
         self._calibration_config = calibration_config

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,40 @@ def _count_subgraph_nodes(node: onnx.NodeProto) -> int:
         for g in graphs:
             n += sum(1 for _ in _iter_nodes(g))
     return n
+
+
+@functools.cache
+def _runtime_supports_opset(opset: int) -> bool:
+    """Whether this onnxruntime loads a model stamped with ``opset`` (probed on a one-node model)."""
+    import onnxruntime as ort
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    probe.ir_version = onnx.helper.find_min_ir_version_for(list(probe.opset_import), ignore_unknown=True)
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def _check_opset_supported(opset: int, source: str) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelError(f"{source}: opset {opset} is newer than onnx {onnx.__version__} knows (<= {newest})")
+    # Every onnxruntime release runs opset 21; above, ask the installed one.
+    if opset > 21 and not _runtime_supports_opset(opset):
+        import onnxruntime as ort
+
+        raise ModelError(
+            f"{source}: opset {opset} is newer than onnxruntime {ort.__version__} supports; "
+            "re-export the model with a lower opset or upgrade onnxruntime"
+        )
 
 
 def _upgrade_opset(model: onnx.ModelProto, source: str, opset: int) -> onnx.ModelProto:
@@ -184,6 +219,7 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
             f"{source}: the model is already quantized (holds {', '.join(quantized)}); quantize the float model"
         )
     opset = _default_opset(model)
+    _check_opset_supported(opset, source)
     prep = Preparation(source_opset=opset, opset=opset)
     if 0 < opset < TARGET_OPSET:
         model = _upgrade_opset(model, source, opset)
