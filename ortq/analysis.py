@@ -8,8 +8,8 @@ For every node the plan quantized, :func:`layer_report` measures on the same bat
   the fp32 one. This is the error the node *adds*.
 * **cumulative** error: the node's output in the full quantized model against the same output in the fp32
   model (both run with the output exposed). This is the error that has *reached* the node.
-* **clip rate**: the share of the fp32 values of each quantized activation that fall outside the range the
-  plan can represent (they saturate).
+* **clip rate**: the share of the fp32 values of each quantized activation that saturate: they fall outside
+  the range the plan can represent by more than half a step, so QuantizeLinear clips them.
 
 Errors are SQNR in dB (``10 log10(signal / noise)``, higher is better) and cosine, accumulated over all
 batches; positions of padding tokens are left out when the attention mask lines up with a tensor's
@@ -77,6 +77,15 @@ def representable_range(qp: QParams) -> tuple[float, float]:
     qmin, qmax = qp.dtype.qrange
     scale, zp = float(qp.scale.ravel()[0]), float(qp.zero_point.ravel()[0])
     return (qmin - zp) * scale, (qmax - zp) * scale
+
+
+def saturated_count(x: np.ndarray, qp: QParams) -> int:
+    """How many values of ``x`` saturate: their integer before clipping lies outside the type's range (a value
+    less than half a step past the representable range only rounds, it does not clip)."""
+    qmin, qmax = qp.dtype.qrange
+    q = np.rint(np.asarray(x, dtype=np.float32) / qp.scale.astype(np.float32).ravel()[0])
+    q += np.float32(qp.zero_point.ravel()[0])
+    return int(np.count_nonzero((q < qmin) | (q > qmax)))
 
 
 @dataclass
@@ -290,7 +299,7 @@ class LayerReport:
             "",
             f"{len(self.layers)} quantized nodes, {self.num_samples} samples ({self.data}). Local: the node alone "
             "on fp32 inputs; cumulative: the node's output in the quantized model; clip: share of fp32 input "
-            "values outside the quantized range.",
+            "values that saturate (outside the quantized range).",
             "",
             "## Model outputs",
             "",
@@ -508,8 +517,7 @@ def layer_report(
             cumulative[i].update(_masked(ref[out], mask), _masked(tst[out], mask))
         for name in act_names:
             x = _masked(values[name], mask)
-            lo, hi = representable_range(plan.activations[name])
-            clipped[name] += int(np.count_nonzero((x < lo) | (x > hi)))
+            clipped[name] += saturated_count(x, plan.activations[name])
             seen[name] += int(x.size)
         for name in compare_outputs:
             output_stats[name].update(_masked(ref[name], mask), _masked(tst[name], mask))
