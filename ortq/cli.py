@@ -281,6 +281,15 @@ def _signals_raise_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own failures to stderr; ortq reports them as its one ``error:`` line instead."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(4)  # fatal only; --debug keeps ONNX Runtime's warnings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -288,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+        _quiet_onnxruntime()
     start = time.perf_counter()
     try:
         with _signals_raise_interrupt():

@@ -106,12 +106,12 @@ def _leftovers(c: Ctx) -> list[str]:
     return left
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
+def _cli(argv: list[str], capfd) -> tuple[int, str]:
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exc:  # argparse usage errors
         code = exc.code
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     return code, err
 
 
@@ -466,7 +466,7 @@ def _check_nothing_left(c: Ctx, args: dict[str, Any], before: dict[str, str], ou
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_cli_one_line_error(case, ctx, capsys, monkeypatch):
+def test_cli_one_line_error(case, ctx, capfd, monkeypatch):
     before = _digest(ctx.model_dir)
     out_before = ctx.out.exists()
     args = _prepare(case, ctx, monkeypatch)
@@ -477,7 +477,7 @@ def test_cli_one_line_error(case, ctx, capsys, monkeypatch):
         argv += ["--calibration-data", args["data"]]
     if args["overwrite"]:
         argv += ["--overwrite"]
-    code, err = _cli(argv, capsys)
+    code, err = _cli(argv, capfd)
     assert_one_line_error(code, err, case.match)
     assert code == case.error.exit_code
     _check_nothing_left(ctx, args, before, out_before)
@@ -525,8 +525,8 @@ def test_api_typed_error(case, ctx, monkeypatch):
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
-def test_cli_invalid_values(extra, match, ctx, capsys):
-    code, err = _cli(["quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal, *extra], capsys)
+def test_cli_invalid_values(extra, match, ctx, capfd):
+    code, err = _cli(["quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal, *extra], capfd)
     assert_one_line_error(code, err, match)
     assert not ctx.out.exists() and _leftovers(ctx) == []
 
@@ -579,10 +579,10 @@ def test_corrupt_calibration_state(ctx):
         q.load_calibration_state(ctx.root / "missing.npz", CalibrationConfig())
 
 
-def test_overwrite_replaces_atomically_and_keeps_old_on_failure(ctx, capsys, monkeypatch):
+def test_overwrite_replaces_atomically_and_keeps_old_on_failure(ctx, capfd, monkeypatch):
     """With --overwrite, a failure while writing leaves the previous output exactly as it was."""
     assert main(["-q", "quantize", str(ctx.model_dir), "-o", str(ctx.out), "--calibration-data", str(ctx.cal)]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     first = _digest(ctx.out)
 
     def full(model, path, *args, **kwargs):
@@ -590,7 +590,7 @@ def test_overwrite_replaces_atomically_and_keeps_old_on_failure(ctx, capsys, mon
 
     monkeypatch.setattr(onnx, "save_model", full)
     code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal,
-                      "--overwrite"], capsys)
+                      "--overwrite"], capfd)
     assert_one_line_error(code, err, "no space left on device")
     assert _digest(ctx.out) == first
     assert _leftovers(ctx) == []
@@ -602,7 +602,7 @@ def test_debug_flag_shows_the_traceback(ctx):
               str(ctx.cal)])
 
 
-def test_internal_errors_are_one_line_too(ctx, capsys, monkeypatch):
+def test_internal_errors_are_one_line_too(ctx, capfd, monkeypatch):
     """A bug (any non-ortq exception) still ends in one line, pointing at --debug."""
     import ortq.quantizer as quantizer_module
 
@@ -610,6 +610,6 @@ def test_internal_errors_are_one_line_too(ctx, capsys, monkeypatch):
         raise RuntimeError("unexpected\nsecond line")
 
     monkeypatch.setattr(quantizer_module, "make_plan", boom)
-    code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal], capsys)
+    code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal], capfd)
     assert_one_line_error(code, err, r"internal error \(RuntimeError: unexpected\); rerun with --debug")
     assert not ctx.out.exists() and _leftovers(ctx) == []

@@ -41,13 +41,18 @@ def _slow_model(path: Path, width: int = 1024, layers: int = 4) -> None:
     onnx.save(model, path)
 
 
-@pytest.fixture
-def work(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
+@pytest.fixture(scope="module")
+def slow_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
     _slow_model(src / "model.onnx")
     # Enough single-sample batches that calibration runs for many seconds: it is always interrupted midway.
-    np.savez(src / "cal.npz", x=np.random.default_rng(1).standard_normal((12_000, 1024)).astype(np.float32))
+    np.savez(src / "cal.npz", x=np.random.default_rng(1).standard_normal((4_000, 1024)).astype(np.float32))
+    return src
+
+
+@pytest.fixture
+def work(slow_src, tmp_path):
+    src = slow_src
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     outdir = tmp_path / "outputs"

@@ -134,6 +134,40 @@ def _check_opset_supported(opset: int, source: str) -> None:
         )
 
 
+_VALID_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _check_readable(model: onnx.ModelProto, source: str) -> None:
+    """Refuse what a checked model may still hold: names that are not UTF-8, element types that do not exist."""
+
+    def bad_name(text) -> bool:
+        return not isinstance(text, str)
+
+    def check_graph(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            if bad_name(t.name):
+                raise ModelError(f"{source}: initializer name {t.name!r} is not valid UTF-8; the file is corrupt")
+            if t.data_type not in _VALID_TYPES:
+                raise ModelError(f"{source}: initializer {t.name!r} has unknown element type {t.data_type}")
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            if bad_name(v.name):
+                raise ModelError(f"{source}: value name {v.name!r} is not valid UTF-8; the file is corrupt")
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _VALID_TYPES:
+                raise ModelError(f"{source}: value {v.name!r} has unknown element type {v.type.tensor_type.elem_type}")
+        for node in graph.node:
+            texts = (node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute))
+            if any(bad_name(t) for t in texts):
+                raise ModelError(f"{source}: node {node.name!r} holds a name that is not valid UTF-8; the file is corrupt")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    check_graph(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        check_graph(g)
+
+    check_graph(model.graph)
+
+
 def _upgrade_opset(model: onnx.ModelProto, source: str, opset: int) -> onnx.ModelProto:
     from onnx import version_converter
 
@@ -218,6 +252,7 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
         raise ModelError(
             f"{source}: the model is already quantized (holds {', '.join(quantized)}); quantize the float model"
         )
+    _check_readable(model, source)
     opset = _default_opset(model)
     _check_opset_supported(opset, source)
     prep = Preparation(source_opset=opset, opset=opset)
