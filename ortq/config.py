@@ -155,7 +155,8 @@ class QuantizationConfig:
         quantize_activation_matmuls: also quantize MatMuls whose both inputs are activations (attention
             scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
             more than the int8 kernel saves, and they carry most of the error.
-        smooth_quant_alpha: SmoothQuant migration strength for MatMuls fed by LayerNorm (None: off).
+        smooth_quant_alpha: SmoothQuant migration strength in [0, 1] for MatMuls with constant weights,
+            ``"auto"`` to search it per activation on calibration rows (the presets' default), None: off.
         preset: the name of the preset this config came from, for reports.
     """
 
@@ -168,7 +169,7 @@ class QuantizationConfig:
     operators_to_quantize: tuple[str, ...] = DEFAULT_OPERATORS
     nodes_to_exclude: tuple[str, ...] = ()
     quantize_activation_matmuls: bool = False
-    smooth_quant_alpha: float | None = None
+    smooth_quant_alpha: float | str | None = None
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -182,8 +183,14 @@ class QuantizationConfig:
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
         if not self.operators_to_quantize:
             raise ConfigError("operators_to_quantize is empty: nothing would be quantized")
-        if self.smooth_quant_alpha is not None and not 0.0 <= float(self.smooth_quant_alpha) <= 1.0:
-            raise ConfigError(f"smooth_quant_alpha must be in [0, 1], got {self.smooth_quant_alpha!r}")
+        alpha = self.smooth_quant_alpha
+        if alpha is not None and alpha != "auto":
+            try:
+                ok = 0.0 <= float(alpha) <= 1.0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"smooth_quant_alpha must be 'auto' or a number in [0, 1], got {alpha!r}")
 
     @property
     def is_static(self) -> bool:
@@ -305,6 +312,7 @@ class AutoQuantizationConfig:
     def avx2(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
         """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights against vpmaddubsw saturation."""
         _static_only(is_static, "avx2")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -316,6 +324,7 @@ class AutoQuantizationConfig:
     def avx512(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
         """AVX512 without VNNI: same saturation hazard as AVX2."""
         _static_only(is_static, "avx512")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -327,6 +336,7 @@ class AutoQuantizationConfig:
     def avx512_vnni(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
         """x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8."""
         _static_only(is_static, "avx512_vnni")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="avx512_vnni", **kwargs
         )
@@ -335,6 +345,7 @@ class AutoQuantizationConfig:
     def arm64(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
         """ARM64 (NEON / dot product): u8 activations, s8 weights."""
         _static_only(is_static, "arm64")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="arm64", **kwargs
         )
@@ -343,6 +354,7 @@ class AutoQuantizationConfig:
     def tensorrt(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
         """TensorRT: s8s8, symmetric activations and weights."""
         _static_only(is_static, "tensorrt")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             activations_dtype=QuantType.QInt8,
             activations_symmetric=True,
@@ -356,6 +368,7 @@ class AutoQuantizationConfig:
     def cuda(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
         """CUDA EP: s8s8 symmetric QDQ."""
         _static_only(is_static, "cuda")
+        kwargs.setdefault("smooth_quant_alpha", "auto")
         return QuantizationConfig(
             activations_dtype=QuantType.QInt8,
             activations_symmetric=True,

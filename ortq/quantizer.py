@@ -62,7 +62,7 @@ class ORTQuantizer:
         self._collector: RangeCollector | None = None
         self._calibration_config: CalibrationConfig | None = None
         # SmoothQuant rewrites the float model before calibration: (alpha, per-activation summary).
-        self._smoothing: tuple[float, dict[str, Any]] | None = None
+        self._smoothing: tuple[float | str, dict[str, Any]] | None = None
         self.last_plan: QuantPlan | None = None
         # What loading normalized (opset upgrade, lifted Constant nodes) and the nodes it leaves in float.
         self.preparation: Preparation | None = None
@@ -89,9 +89,13 @@ class ORTQuantizer:
     def _ir_model(self) -> ir.Model:
         return ir.from_proto(self.proto)
 
-    def _smooth(self, alpha: float, batches: Batches) -> None:
-        """Apply SmoothQuant to the float model; calibration and quantization then use the smoothed model."""
-        from ortq.passes.smooth import apply_smoothing, channel_absmax, smooth_groups
+    def _smooth(self, alpha: float | str, batches: Batches) -> None:
+        """Apply SmoothQuant to the float model; calibration and quantization then use the smoothed model.
+
+        ``alpha="auto"`` picks, per activation, the strength (or none) whose int8 MatMuls best reproduce the
+        float outputs on sampled calibration rows.
+        """
+        from ortq.passes.smooth import apply_smoothing, channel_absmax, search_alpha, smooth_groups
 
         model = self._ir_model()
         groups = smooth_groups(model)
@@ -99,11 +103,32 @@ class ORTQuantizer:
             logger.info("SmoothQuant: no MatMul with a constant weight to smooth")
             self._smoothing = (alpha, {})
             return
-        absmax = channel_absmax(self.model_path, [g.activation for g in groups], batches)
-        summary = apply_smoothing(model, groups, absmax, alpha)
+        names = [g.activation for g in groups]
+        if alpha == "auto":
+            absmax, rows = channel_absmax(self.model_path, names, batches, sample_rows=512)
+            nodes = {n.name: n for n in model.graph}
+            chosen: dict[str, float] = {}
+            errors: dict[str, dict[str, float]] = {}
+            for g in groups:
+                if g.activation not in rows:
+                    continue
+                weights = [nodes[m].inputs[1].const_value.numpy() for m in g.matmuls]
+                best, errs = search_alpha(rows[g.activation], weights, absmax[g.activation])
+                errors[g.activation] = errs
+                if best is not None:
+                    chosen[g.activation] = best
+            summary = apply_smoothing(model, groups, absmax, chosen)
+            for name, errs in errors.items():
+                entry = summary.setdefault(name, {"alpha": None})
+                entry["relative_error_unsmoothed"] = errs["none"]
+                entry["relative_error_chosen"] = min(errs.values())
+        else:
+            absmax = channel_absmax(self.model_path, names, batches)
+            summary = apply_smoothing(model, groups, absmax, float(alpha))
         self._proto = ir.to_proto(model)
         self._smoothing = (alpha, summary)
-        logger.info("SmoothQuant (alpha %.2f) on %d activations", alpha, len(summary))
+        logger.info("SmoothQuant (alpha %s) on %d of %d activations", alpha,
+                    sum(1 for v in summary.values() if v.get("alpha") is not None), len(groups))
 
     # ------------------------------------------------------------------------------------------ calibration
 
@@ -149,7 +174,7 @@ class ORTQuantizer:
             if operators_to_quantize:
                 qconfig = dataclasses.replace(qconfig, operators_to_quantize=tuple(operators_to_quantize))
             if qconfig.smooth_quant_alpha is not None and self._smoothing is None:
-                self._smooth(float(qconfig.smooth_quant_alpha), batches)
+                self._smooth(qconfig.smooth_quant_alpha, batches)
             targets = calibration_targets(self._ir_model(), qconfig)
             if not targets:
                 raise ModelError(
@@ -262,13 +287,18 @@ class ORTQuantizer:
         calibration_config: CalibrationConfig | None,
     ) -> tuple[ir.Model, dict[str, Any]]:
         smoothed_with = self._smoothing[0] if self._smoothing else None
+        notes: list[str] = []
         if ranges is None and self._collector is not None and smoothed_with != config.smooth_quant_alpha:
-            if calibration_data is None:
-                raise ConfigError(
-                    f"fit() ran with smooth_quant_alpha={smoothed_with}, quantize() asks for "
-                    f"{config.smooth_quant_alpha}: call fit() with the same quantization_config"
+            if calibration_data is not None:
+                self._collector = None  # recalibrate below with this config's smoothing
+            else:
+                # Ranges from an earlier fit() belong to the model as it was then: keep it that way.
+                notes.append(
+                    f"smooth_quant_alpha={config.smooth_quant_alpha!r} not applied: fit() calibrated with "
+                    f"{smoothed_with!r}; pass quantization_config to fit() to use it"
                 )
-            self._collector = None
+                logger.warning(notes[-1])
+                config = dataclasses.replace(config, smooth_quant_alpha=smoothed_with)
         if ranges is None:
             if calibration_data is not None:
                 ranges = self.fit(
@@ -291,7 +321,7 @@ class ORTQuantizer:
             )
         insert_qdq(model, plan)
         self.last_plan = plan
-        report = {"method": "static_int8", "plan": plan.to_dict()}
+        report = {"method": "static_int8", "config": config.to_dict(), "notes": notes, "plan": plan.to_dict()}
         if self._smoothing is not None:
             report["smooth_quant"] = {"alpha": self._smoothing[0], "activations": self._smoothing[1]}
         if self._collector is not None:

@@ -122,3 +122,23 @@ def test_errors(tiny_bert_dir, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
     with pytest.raises(ConfigError):
         q.quantize("not a config", tmp_path / "y")
+
+
+def test_presets_search_smoothing_per_activation(tiny_bert_dir, tmp_path, heldout):
+    q = ORTQuantizer.from_pretrained(tiny_bert_dir)
+    path = q.quantize(AutoQuantizationConfig.avx512_vnni(), tmp_path / "auto", calibration_data=real_text("calibration", 64))
+    report = json.loads((path.parent / "quantization_report.json").read_text())
+    assert report["smooth_quant"]["alpha"] == "auto"
+    for entry in report["smooth_quant"]["activations"].values():
+        assert entry["relative_error_chosen"] <= entry["relative_error_unsmoothed"]
+    c = _cos(_embed(path, heldout), _embed(tiny_bert_dir / "model.onnx", heldout))
+    assert c.mean() > 0.98
+
+
+def test_fit_without_smoothing_then_preset_keeps_ranges_valid(tiny_bert_dir, tmp_path):
+    q = ORTQuantizer.from_pretrained(tiny_bert_dir)
+    q.fit(real_text("calibration", 32), AutoCalibrationConfig.minmax())
+    path = q.quantize(AutoQuantizationConfig.avx512_vnni(), tmp_path / "p")
+    report = json.loads((path.parent / "quantization_report.json").read_text())
+    assert any("not applied" in n for n in report["notes"])
+    assert "smooth_quant" not in report

@@ -90,3 +90,17 @@ def _ln(x, proto):
     mu = x.mean(-1, keepdims=True)
     var = x.var(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + 1e-5) * inits["gamma"] + inits["beta"]
+
+
+def test_alpha_search_prefers_smoothing_for_outlier_channels():
+    from ortq.passes.smooth import search_alpha
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(256, 16)).astype(np.float32)
+    rows[:, 3] *= 60.0  # one outlier channel, as in transformer LayerNorm outputs
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    best, errors = search_alpha(rows, [w], np.abs(rows).max(axis=0))
+    assert best is not None and errors[f"{best:.2f}"] < 0.5 * errors["none"]
+    flat = rng.normal(size=(256, 16)).astype(np.float32)
+    _, errors = search_alpha(flat, [w], np.abs(flat).max(axis=0))
+    assert min(errors.values()) <= errors["none"]

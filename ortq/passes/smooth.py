@@ -73,9 +73,17 @@ def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> l
 
 
 def channel_absmax(
-    model_path: str | os.PathLike, activations: list[str], batches: Iterable[dict[str, np.ndarray]]
-) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of ``activations``, reduced inside the graph batch by batch."""
+    model_path: str | os.PathLike,
+    activations: list[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    sample_rows: int = 0,
+) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel (last axis) max |x| of ``activations``, reduced inside the graph batch by batch.
+
+    With ``sample_rows`` > 0, also returns up to that many rows of each activation (non-padded positions of
+    the first batches), for the alpha search.
+    """
     import onnxruntime as ort
 
     proto = onnx.load(str(model_path))
@@ -96,16 +104,83 @@ def channel_absmax(
             proto.graph.node.append(onnx.helper.make_node("ReduceMax", [flat], [red_out], axes=[0], keepdims=0))
         outputs.append(red_out)
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(red_out))
+        if sample_rows:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    stats: dict[str, np.ndarray] = {}
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
+    taken = 0
     with tempfile.TemporaryDirectory(prefix="ortq-smooth-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        stats: dict[str, np.ndarray] = {}
+        input_names = {i.name for i in sess.get_inputs()}
         for feeds in batches:
-            for name, value in zip(activations, sess.run(outputs, feeds)):
+            feeds = {k: v for k, v in feeds.items() if k in input_names}
+            want_rows = sample_rows and taken < sample_rows
+            fetch = outputs + (list(activations) if want_rows else [])
+            values = sess.run(fetch, feeds)
+            for name, value in zip(activations, values[: len(activations)]):
                 value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
                 stats[name] = value if name not in stats else np.maximum(stats[name], value)
-    return stats
+            if want_rows:
+                mask = feeds.get("attention_mask")
+                n_rows = 0
+                for name, x in zip(activations, values[len(activations) :]):
+                    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                        rows = x[mask.astype(bool)]
+                    else:
+                        rows = x.reshape(-1, x.shape[-1])
+                    rows = rows[np.isfinite(rows).all(axis=1)][: sample_rows - taken]
+                    samples[name].append(rows.astype(np.float32))
+                    n_rows = len(rows)
+                taken += n_rows
+    if not sample_rows:
+        return stats
+    return stats, {k: np.concatenate(v) for k, v in samples.items() if v}
+
+
+def _fake_quant(x: np.ndarray, axis: int | None, symmetric: bool, qmax: int) -> np.ndarray:
+    """Quantize-dequantize ``x``: per tensor (asymmetric, 8-bit) or per channel along ``axis`` (symmetric)."""
+    if symmetric:
+        red = tuple(i for i in range(x.ndim) if i != axis) if axis is not None else None
+        absmax = np.abs(x).max(axis=red, keepdims=True)
+        scale = np.where(absmax > 0, absmax / qmax, 1.0)
+        return np.clip(np.round(x / scale), -qmax, qmax) * scale
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def search_alpha(
+    rows: np.ndarray, weights: list[np.ndarray], absmax: np.ndarray, alphas: Iterable[float] = ALPHAS
+) -> tuple[float | None, dict[str, float]]:
+    """The alpha whose smoothed int8 MatMuls best reproduce ``rows @ W`` for every consumer ``W``.
+
+    Returns ``(None, errors)`` when no smoothing is best. Errors are relative squared errors of the
+    MatMul outputs, summed over consumers.
+    """
+    w_cat = np.concatenate(weights, axis=1).astype(np.float32)
+    ref = rows @ w_cat
+    denom = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
+
+    def error(s: np.ndarray | None) -> float:
+        x = rows if s is None else rows / s
+        w = w_cat if s is None else w_cat * s[:, None]
+        out = _fake_quant(x, None, False, 255) @ _fake_quant(w, 1, True, 127)
+        return float(np.sum((out - ref).astype(np.float64) ** 2)) / denom
+
+    errors = {"none": error(None)}
+    best, best_err = None, errors["none"]
+    for alpha in alphas:
+        e = error(smoothing_scales(absmax, weights, alpha))
+        errors[f"{alpha:.2f}"] = e
+        if e < best_err:
+            best, best_err = alpha, e
+    return best, errors
 
 
 def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
@@ -119,19 +194,27 @@ def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: f
 
 
 def apply_smoothing(
-    model: ir.Model, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float
+    model: ir.Model,
+    groups: list[SmoothGroup],
+    absmax: dict[str, np.ndarray],
+    alpha: float | dict[str, float],
 ) -> dict[str, dict[str, float]]:
-    """Fold SmoothQuant scales into ``model`` in place; returns per-activation summary for the report."""
+    """Fold SmoothQuant scales into ``model`` in place; returns per-activation summary for the report.
+
+    ``alpha`` is one strength for every group, or a strength per activation name (groups missing from the
+    dict are left alone).
+    """
     nodes = {n.name: n for n in model.graph}
     summary: dict[str, dict[str, float]] = {}
     for group in groups:
-        if group.activation not in absmax:
+        group_alpha = alpha.get(group.activation) if isinstance(alpha, dict) else alpha
+        if group.activation not in absmax or group_alpha is None:
             continue
         matmuls = [nodes[m] for m in group.matmuls]
         weights = [m.inputs[1].const_value.numpy() for m in matmuls]
         if len({w.shape[0] for w in weights}) != 1 or weights[0].shape[0] != absmax[group.activation].shape[0]:
             continue
-        s = smoothing_scales(absmax[group.activation], weights, alpha)
+        s = smoothing_scales(absmax[group.activation], weights, group_alpha)
         for m, w in zip(matmuls, weights):
             new_w = (w * s[:, None]).astype(w.dtype)
             _set_const(model.graph, m, 1, new_w, suffix="smoothed")
@@ -157,7 +240,7 @@ def apply_smoothing(
             for m in matmuls:
                 m.replace_input_with(0, mul.outputs[0])
         summary[group.activation] = {
-            "alpha": alpha,
+            "alpha": group_alpha,
             "scale_min": float(s.min()),
             "scale_max": float(s.max()),
             "folded": group.folded_into is not None,
