@@ -100,14 +100,12 @@ def ort_variants(fp32: Path, work: Path, calib: list[dict[str, np.ndarray]]) -> 
 
 def ortq_variants(fp32_dir: Path, work: Path, calib_text: list[str]) -> dict[str, tuple[Path, float]]:
     out = {}
+    host = AutoQuantizationConfig.for_host
     configs = {
-        "ortq defaults (for_host, minmax)": (AutoQuantizationConfig.for_host(), AutoCalibrationConfig.minmax()),
-        "ortq + SmoothQuant 0.7": (
-            AutoQuantizationConfig.for_host(smooth_quant_alpha=0.7),
-            AutoCalibrationConfig.minmax(),
-        ),
-        "ortq entropy": (AutoQuantizationConfig.for_host(), AutoCalibrationConfig.entropy()),
-        "ortq percentile 99.999": (AutoQuantizationConfig.for_host(), AutoCalibrationConfig.percentiles()),
+        f"ortq defaults ({host().preset}, minmax, SmoothQuant auto)": (host(), AutoCalibrationConfig.minmax()),
+        "ortq entropy": (host(), AutoCalibrationConfig.entropy()),
+        "ortq percentile 99.999": (host(), AutoCalibrationConfig.percentiles()),
+        "ortq minmax, no SmoothQuant": (host(smooth_quant_alpha=None), AutoCalibrationConfig.minmax()),
     }
     for i, (name, (qconfig, cconfig)) in enumerate(configs.items()):
         q = ORTQuantizer.from_pretrained(fp32_dir)
