@@ -31,7 +31,7 @@ from ortq.config import (
     WeightOnlyConfig,
 )
 from ortq.data import Batches, load_batches
-from ortq.errors import CalibrationDataError, ConfigError, ModelError
+from ortq.errors import CalibrationDataError, ConfigError, ModelError, OrtqError
 from ortq.io import (
     MODEL_FILENAME,
     atomic_output_dir,
@@ -64,6 +64,7 @@ class ORTQuantizer:
         # SmoothQuant rewrites the float model before calibration: (alpha, per-activation summary).
         self._smoothing: tuple[float | str, dict[str, Any]] | None = None
         self.last_plan: QuantPlan | None = None
+        self._sample_feeds: dict[str, Any] | None = None  # one calibration batch, for placement FLOPs
         # What loading normalized (opset upgrade, lifted Constant nodes) and the nodes it leaves in float.
         self.preparation: Preparation | None = None
         self.last_report: dict[str, Any] | None = None
@@ -182,6 +183,8 @@ class ORTQuantizer:
                     "with float activations)"
                 )
             self._collector = RangeCollector(self.proto, targets, calibration_config, providers=providers)
+        if self._sample_feeds is None:
+            self._sample_feeds = next(iter(batches), None)
         start = time.perf_counter()
         self._collector.collect(batches, total=batches.num_batches, show_progress=show_progress)
         logger.info("calibrated on %s samples in %.1f s", batches.num_samples, time.perf_counter() - start)
@@ -272,6 +275,8 @@ class ORTQuantizer:
         }
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             save_model(proto, tmp / file_name)
+            if isinstance(quantization_config, QuantizationConfig):
+                report["placement"] = self._placement(tmp / file_name)
             copy_side_files(self.model_dir, tmp)
             write_text_atomic(tmp / CONFIG_FILENAME, json.dumps(config_doc, indent=2) + "\n")
             write_text_atomic(tmp / PLAN_FILENAME, json.dumps(report, indent=2, default=str) + "\n")
@@ -327,6 +332,26 @@ class ORTQuantizer:
         if self._collector is not None:
             report["calibration"] = self._collector.state.summary()
         return model, report
+
+    def _placement(self, path: Path) -> dict[str, Any]:
+        """Which planned nodes ONNX Runtime's CPU EP really turned into integer kernels, and the int8 share
+        of MatMul/Gemm/Conv FLOPs at one calibration batch."""
+        from ortq.validate import inspect_placement
+
+        try:
+            placement = inspect_placement(path, "cpu", self._sample_feeds, runs=1)
+        except OrtqError as exc:
+            logger.warning("could not inspect the quantized model's placement: %s", exc)
+            return {"error": str(exc)}
+        summary = placement.to_dict(include_nodes=False)
+        planned = set(self.last_plan.quantized_nodes) if self.last_plan else set()
+        unfused = [n for n in placement.unfused_qdq_groups if n in planned or not planned]
+        if unfused:
+            logger.warning("%d quantized node(s) did not fuse into integer kernels: %s", len(unfused), unfused[:5])
+        flops = placement.flops
+        if flops.get("int8_fraction") is not None:
+            logger.info("int8 share of MatMul/Gemm/Conv FLOPs on the CPU EP: %.1f%%", 100 * flops["int8_fraction"])
+        return summary
 
     def _weight_only(self, config: WeightOnlyConfig, calibration_data: Any) -> tuple[ir.Model, dict[str, Any]]:
         from ortq.passes.matmul_nbits import quantize_weight_only
