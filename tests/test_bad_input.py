@@ -346,22 +346,41 @@ def _output_not_writable(c, monkeypatch):
     return {}
 
 
+def _in_output_tmp(c: Ctx, path) -> bool:
+    """Whether ``path`` is inside the temporary folder ortq writes the output to (beside the output)."""
+    p = Path(path).absolute()
+    return p.parent.parent == c.out.parent.absolute() and p.parent.name.startswith(f".{c.out.name}.tmp-")
+
+
 def _output_mkdtemp_denied(c, monkeypatch):
-    # Simulated: the temporary folder beside the output cannot be created (read-only filesystem).
+    # Simulated: the temporary folder beside the output cannot be created (read-only filesystem there).
+    real = tempfile.mkdtemp
+
     def deny(*args, **kwargs):
-        raise PermissionError(errno.EROFS, "Read-only file system")
+        if Path(kwargs.get("dir") or tempfile.gettempdir()).absolute() == c.out.parent.absolute():
+            raise PermissionError(errno.EROFS, "Read-only file system")
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkdtemp", deny)
     return {}
 
 
-def _disk_full_on_model(c, monkeypatch):
-    # Simulated: the model write fails with ENOSPC halfway (a partial file exists in the temp folder).
+def _full_output_disk(c, monkeypatch):
+    # Simulated: the output's filesystem is full; the model write fails with ENOSPC halfway (a partial file
+    # exists in the temporary folder). Writes elsewhere work.
+    real = onnx.save_model
+
     def full(model, path, *args, **kwargs):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if _in_output_tmp(c, path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, path, *args, **kwargs)
 
     monkeypatch.setattr(onnx, "save_model", full)
+
+
+def _disk_full_on_model(c, monkeypatch):
+    _full_output_disk(c, monkeypatch)
     return {}
 
 
@@ -515,7 +534,7 @@ def test_api_typed_error(case, ctx, monkeypatch):
         (["--batch-size", "many"], "expected a positive integer, got 'many'"),
         (["--method", "magic"], "invalid choice: 'magic'"),
         (["--preset", "quantum"], "invalid choice: 'quantum'"),
-        (["--smooth-quant", "2"], r"smooth_quant_alpha must be in \[0, 1\]"),
+        (["--smooth-quant", "2"], r"smooth_quant_alpha must be .*in \[0, 1\]"),
         (["--smooth-quant", "lots"], "expected a number"),
         (["--weight-only", "int4", "--block-size", "24"], "block_size must be a power of two"),
         (["--weight-only", "int3"], "invalid choice: 'int3'"),
@@ -585,10 +604,7 @@ def test_overwrite_replaces_atomically_and_keeps_old_on_failure(ctx, capfd, monk
     capfd.readouterr()
     first = _digest(ctx.out)
 
-    def full(model, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(onnx, "save_model", full)
+    _full_output_disk(ctx, monkeypatch)
     code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal,
                       "--overwrite"], capfd)
     assert_one_line_error(code, err, "no space left on device")

@@ -137,6 +137,40 @@ def _check_opset_supported(opset: int, source: str) -> None:
 _VALID_TYPES = frozenset(onnx.TensorProto.DataType.values())
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _tensor_size_problem(t: onnx.TensorProto) -> str | None:
+    """Why the data of an embedded tensor does not fit its shape and type, or None."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in (onnx.TensorProto.STRING, 0):
+        return None
+    if any(d < 0 for d in t.dims):
+        return f"has a negative dimension {list(t.dims)}"
+    count = 1
+    for d in t.dims:
+        count *= d
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.HasField("raw_data"):
+        packed = t.data_type in _SUB_BYTE_TYPES
+        expected = (count + 1) // 2 if packed else count * itemsize
+        if len(t.raw_data) != expected:
+            return f"holds {len(t.raw_data)} bytes, its shape {list(t.dims)} needs {expected}"
+        return None
+    stored = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+    if stored and stored != count and t.data_type not in _SUB_BYTE_TYPES | _COMPLEX_TYPES:
+        return f"holds {stored} values, its shape {list(t.dims)} needs {count}"
+    return None
+
+
+_SUB_BYTE_TYPES = frozenset(
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)
+)
+_COMPLEX_TYPES = frozenset((onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128))
+
+
 def _check_readable(model: onnx.ModelProto, source: str) -> None:
     """Refuse what a checked model may still hold: names that are not UTF-8, element types that do not exist."""
 
@@ -149,6 +183,9 @@ def _check_readable(model: onnx.ModelProto, source: str) -> None:
                 raise ModelError(f"{source}: initializer name {t.name!r} is not valid UTF-8; the file is corrupt")
             if t.data_type not in _VALID_TYPES:
                 raise ModelError(f"{source}: initializer {t.name!r} has unknown element type {t.data_type}")
+            problem = _tensor_size_problem(t)
+            if problem:
+                raise ModelError(f"{source}: initializer {t.name!r} {problem}; the file is corrupt")
         for v in (*graph.input, *graph.output, *graph.value_info):
             if bad_name(v.name):
                 raise ModelError(f"{source}: value name {v.name!r} is not valid UTF-8; the file is corrupt")
@@ -159,7 +196,11 @@ def _check_readable(model: onnx.ModelProto, source: str) -> None:
             if any(bad_name(t) for t in texts):
                 raise ModelError(f"{source}: node {node.name!r} holds a name that is not valid UTF-8; the file is corrupt")
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    problem = _tensor_size_problem(attr.t)
+                    if problem:
+                        raise ModelError(f"{source}: tensor of node {node.name!r} {problem}; the file is corrupt")
+                elif attr.type == onnx.AttributeProto.GRAPH:
                     check_graph(attr.g)
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     for g in attr.graphs:
@@ -253,6 +294,8 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
             f"{source}: the model is already quantized (holds {', '.join(quantized)}); quantize the float model"
         )
     _check_readable(model, source)
+    if not model.graph.output:
+        raise ModelError(f"{source}: the graph has no outputs")
     opset = _default_opset(model)
     _check_opset_supported(opset, source)
     prep = Preparation(source_opset=opset, opset=opset)

@@ -13,6 +13,7 @@ residual) one ``Mul`` by ``1 / s`` is inserted on the MatMul branch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ortq.errors import CalibrationDataError, ModelError
 from ortq.passes.plan import ensure_node_names
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> l
         x, w = node.inputs[0], node.inputs[1]
         if x is None or w is None or w.const_value is None or len(w.const_value.shape) != 2:
             continue
+        if w.const_value.dtype != ir.DataType.FLOAT or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
+            continue  # float32 scales: integer and float16 MatMuls are left alone
+        if not np.isfinite(w.const_value.numpy()).all():
+            continue  # a NaN / inf weight would spread through the scales to every output column
         producer = x.producer()
         if producer is None:
             continue
@@ -73,7 +79,7 @@ def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> l
 
 
 def channel_absmax(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | onnx.ModelProto,
     activations: list[str],
     batches: Iterable[dict[str, np.ndarray]],
     *,
@@ -86,7 +92,11 @@ def channel_absmax(
     """
     import onnxruntime as ort
 
-    proto = onnx.load(str(model_path))
+    if isinstance(model_path, onnx.ModelProto):  # the prepared model: copied, the augmentation must not leak
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model_path)
+    else:
+        proto = onnx.load(str(model_path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     outputs = []
     for i, name in enumerate(activations):
@@ -109,16 +119,29 @@ def channel_absmax(
     stats: dict[str, np.ndarray] = {}
     samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
     taken = 0
-    with tempfile.TemporaryDirectory(prefix="ortq-smooth-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with contextlib.ExitStack() as stack:
+        if proto.ByteSize() > 1_800_000_000:  # too big for one protobuf: through a temporary folder
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ortq-smooth-"))
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(proto, str(path), save_as_external_data=True)
+            source: str | bytes = str(path)
+        else:
+            source = proto.SerializeToString()
+        try:
+            sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime rejects the model: a user-facing error, not a crash
+            raise ModelError(f"onnxruntime could not load the model for SmoothQuant: {_first_line(exc)}") from exc
         input_names = {i.name for i in sess.get_inputs()}
         for feeds in batches:
             feeds = {k: v for k, v in feeds.items() if k in input_names}
             want_rows = sample_rows and taken < sample_rows
             fetch = outputs + (list(activations) if want_rows else [])
-            values = sess.run(fetch, feeds)
+            try:
+                values = sess.run(fetch, feeds)
+            except Exception as exc:
+                raise CalibrationDataError(
+                    f"onnxruntime failed on a calibration batch: {_first_line(exc)}"
+                ) from exc
             for name, value in zip(activations, values[: len(activations)]):
                 value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
                 stats[name] = value if name not in stats else np.maximum(stats[name], value)
@@ -262,3 +285,8 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, su
     node.replace_input_with(index, value)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         del graph.initializers[old.name]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
