@@ -106,7 +106,7 @@ class ORTQuantizer:
             return
         names = [g.activation for g in groups]
         if alpha == "auto":
-            absmax, rows = channel_absmax(self.model_path, names, batches, sample_rows=512)
+            absmax, rows = channel_absmax(self.proto, names, batches, sample_rows=512)
             nodes = {n.name: n for n in model.graph}
             chosen: dict[str, float] = {}
             errors: dict[str, dict[str, float]] = {}
@@ -124,7 +124,7 @@ class ORTQuantizer:
                 entry["relative_error_unsmoothed"] = errs["none"]
                 entry["relative_error_chosen"] = min(errs.values())
         else:
-            absmax = channel_absmax(self.model_path, names, batches)
+            absmax = channel_absmax(self.proto, names, batches)
             summary = apply_smoothing(model, groups, absmax, float(alpha))
         self._proto = ir.to_proto(model)
         self._smoothing = (alpha, summary)
@@ -221,7 +221,7 @@ class ORTQuantizer:
         state = CalibrationState.load(path)
         self._calibration_config = calibration_config
         self._collector = RangeCollector(
-            self.model_path, list(state.observers), calibration_config, providers=kwargs.get("providers")
+            self.proto, list(state.observers), calibration_config, providers=kwargs.get("providers")
         )
         self._collector.state.merge(state)
 

@@ -350,3 +350,17 @@ def test_float16_model_is_refused_not_broken(tmp_path):
     with pytest.raises(ModelError, match="nothing to quantize"):
         q.quantize(AutoQuantizationConfig.avx2(), tmp_path / "out", calibration_data=tmp_path / "cal.npz")
     assert not (tmp_path / "out").exists()
+
+
+def test_opset10_model_with_smoothquant(tmp_path):
+    """SmoothQuant statistics run on the prepared (upgraded) model, not on the opset-10 file."""
+    nodes = [
+        h.make_node("MatMul", ["x", "W1"], ["h0"], name="mm1"),
+        h.make_node("Relu", ["h0"], ["h1"], name="relu"),
+        h.make_node("MatMul", ["h1", "W2"], ["y"], name="mm2"),
+    ]
+    inits = [nh.from_array(_w(16, 32), "W1"), nh.from_array(_w(32, 8), "W2")]
+    model = _model(nodes, [_x("x", "N", 16)], [_x("y", "N", 8)], inits, opset=10)
+    _, report = _quantize_and_compare(tmp_path, model, lambda n: {"x": _w(n, 16, scale=1.0)})
+    assert report["prepare"]["source_opset"] == 10
+    assert "smooth_quant" in report
