@@ -457,7 +457,7 @@ def _run_fuzz(tmp_path: Path, seeds, budget_s: float | None) -> dict[str, int]:
 
 
 def test_fuzz_only_ortq_errors_escape(tmp_path):
-    outcomes = _run_fuzz(tmp_path, range(300), budget_s=15.0)
+    outcomes = _run_fuzz(tmp_path, range(600), budget_s=15.0)
     assert sum(outcomes.values()) >= 20, outcomes
     print("fuzz outcomes:", outcomes)
 

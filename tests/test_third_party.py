@@ -364,3 +364,17 @@ def test_opset10_model_with_smoothquant(tmp_path):
     _, report = _quantize_and_compare(tmp_path, model, lambda n: {"x": _w(n, 16, scale=1.0)})
     assert report["prepare"]["source_opset"] == 10
     assert "smooth_quant" in report
+
+
+def test_initializers_listed_as_inputs(tmp_path):
+    """Old exports (``keep_initializers_as_inputs=True``, IR 3): weights are graph inputs with defaults. They
+    become plain constants, so quantizing them leaves no required input behind."""
+    nodes = [h.make_node("Gemm", ["x", "fc.weight", "fc.bias"], ["y"], name="fc", transB=1)]
+    w, b = _w(6, 12), _w(6)
+    inputs = [_x("x", "N", 12), _x("fc.weight", 6, 12), _x("fc.bias", 6)]
+    model = _model(nodes, inputs, [_x("y", "N", 6)], [nh.from_array(w, "fc.weight"), nh.from_array(b, "fc.bias")],
+                   opset=11, ir_version=3)
+    q, report = _quantize_and_compare(tmp_path, model, lambda n: {"x": _w(n, 12, scale=1.0)})
+    assert report["prepare"]["initializers_removed_from_inputs"] == 2
+    sess = ort.InferenceSession(str(tmp_path / "int8" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x"]

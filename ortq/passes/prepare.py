@@ -50,6 +50,7 @@ class Preparation:
     source_opset: int
     opset: int
     lifted_constants: int = 0
+    initializer_inputs: int = 0
     shape_inference: bool = False
     float_nodes: dict[str, str] = field(default_factory=dict)
 
@@ -58,6 +59,7 @@ class Preparation:
             "source_opset": self.source_opset,
             "opset": self.opset,
             "lifted_constants": self.lifted_constants,
+            "initializers_removed_from_inputs": self.initializer_inputs,
             "shape_inference": self.shape_inference,
             "float_nodes": dict(self.float_nodes),
         }
@@ -251,6 +253,24 @@ def _lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return lifted, before - after
 
 
+def _initializers_out_of_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Initializers listed as graph inputs (old exporters' ``keep_initializers_as_inputs``) become plain
+    constants: a weight that could be fed at run time cannot be quantized, and its quantized replacement would
+    leave a required input behind."""
+    names = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in names]
+    removed = len(model.graph.input) - len(kept)
+    if not removed:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    min_ir = onnx.helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True)
+    out.ir_version = max(out.ir_version, min_ir, 4)  # IR < 4 requires initializers to be inputs
+    return out, removed
+
+
 def _missing_types(model: onnx.ModelProto) -> bool:
     """True when some input of a quantizable main-graph node has no known element type."""
     g = model.graph
@@ -302,6 +322,9 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
     if 0 < opset < TARGET_OPSET:
         model = _upgrade_opset(model, source, opset)
         prep.opset = _default_opset(model)
+    model, prep.initializer_inputs = _initializers_out_of_inputs(model)
+    if prep.initializer_inputs:
+        logger.info("%s: %d initializers removed from the graph inputs", source, prep.initializer_inputs)
     model, prep.lifted_constants = _lift_constants(model)
     if prep.lifted_constants:
         logger.info("%s: %d Constant nodes lifted to initializers", source, prep.lifted_constants)

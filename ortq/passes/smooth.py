@@ -159,7 +159,8 @@ def channel_absmax(
                 taken += n_rows
     if not sample_rows:
         return stats
-    return stats, {k: np.concatenate(v) for k, v in samples.items() if v}
+    # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped.
+    return stats, {k: np.concatenate(v) for k, v in samples.items() if sum(len(a) for a in v)}
 
 
 def _fake_quant(x: np.ndarray, axis: int | None, symmetric: bool, qmax: int) -> np.ndarray:
