@@ -179,8 +179,14 @@ def _check_readable(model: onnx.ModelProto, source: str) -> None:
     def bad_name(text) -> bool:
         return not isinstance(text, str)
 
+    def check_texts(where: str, *texts) -> None:
+        if any(bad_name(t) for t in texts):
+            raise ModelError(f"{source}: {where} holds text that is not valid UTF-8; the file is corrupt")
+
     def check_graph(graph: onnx.GraphProto) -> None:
+        check_texts("the graph", graph.name, graph.doc_string)
         for t in graph.initializer:
+            check_texts("an initializer", t.doc_string)
             if bad_name(t.name):
                 raise ModelError(f"{source}: initializer name {t.name!r} is not valid UTF-8; the file is corrupt")
             if t.data_type not in _VALID_TYPES:
@@ -191,10 +197,12 @@ def _check_readable(model: onnx.ModelProto, source: str) -> None:
         for v in (*graph.input, *graph.output, *graph.value_info):
             if bad_name(v.name):
                 raise ModelError(f"{source}: value name {v.name!r} is not valid UTF-8; the file is corrupt")
+            check_texts(f"value {v.name!r}", v.doc_string, *(d.dim_param for d in v.type.tensor_type.shape.dim))
             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _VALID_TYPES:
                 raise ModelError(f"{source}: value {v.name!r} has unknown element type {v.type.tensor_type.elem_type}")
         for node in graph.node:
-            texts = (node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute))
+            texts = (node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output,
+                     *(a.name for a in node.attribute))
             if any(bad_name(t) for t in texts):
                 raise ModelError(f"{source}: node {node.name!r} holds a name that is not valid UTF-8; the file is corrupt")
             for attr in node.attribute:
@@ -208,6 +216,12 @@ def _check_readable(model: onnx.ModelProto, source: str) -> None:
                     for g in attr.graphs:
                         check_graph(g)
 
+    check_texts(
+        "the model header",
+        model.producer_name, model.producer_version, model.domain, model.doc_string,
+        *(o.domain for o in model.opset_import), *(p.key for p in model.metadata_props),
+        *(p.value for p in model.metadata_props),
+    )
     check_graph(model.graph)
 
 
