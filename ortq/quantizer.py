@@ -31,7 +31,7 @@ from ortq.config import (
     WeightOnlyConfig,
 )
 from ortq.data import Batches, load_batches
-from ortq.errors import CalibrationDataError, ConfigError, ModelError, OrtqError
+from ortq.errors import CalibrationDataError, ConfigError, ModelError
 from ortq.io import (
     MODEL_FILENAME,
     atomic_output_dir,
@@ -340,9 +340,9 @@ class ORTQuantizer:
 
         try:
             placement = inspect_placement(path, "cpu", self._sample_feeds, runs=1)
-        except OrtqError as exc:
+        except Exception as exc:  # the report is an add-on: a failure here must not lose the model
             logger.warning("could not inspect the quantized model's placement: %s", exc)
-            return {"error": str(exc)}
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
         summary = placement.to_dict(include_nodes=False)
         planned = set(self.last_plan.quantized_nodes) if self.last_plan else set()
         unfused = [n for n in placement.unfused_qdq_groups if n in planned or not planned]
