@@ -155,6 +155,7 @@ class QuantizationConfig:
         quantize_activation_matmuls: also quantize MatMuls whose both inputs are activations (attention
             scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
             more than the int8 kernel saves, and they carry most of the error.
+        quantize_embeddings: large embedding Gathers become 8-bit ``GatherBlockQuantized`` (CPU presets).
         smooth_quant_alpha: SmoothQuant migration strength in [0, 1] for MatMuls with constant weights,
             ``"auto"`` to search it per activation on calibration rows (the presets' default), None: off.
         preset: the name of the preset this config came from, for reports.
@@ -169,6 +170,7 @@ class QuantizationConfig:
     operators_to_quantize: tuple[str, ...] = DEFAULT_OPERATORS
     nodes_to_exclude: tuple[str, ...] = ()
     quantize_activation_matmuls: bool = False
+    quantize_embeddings: bool = False
     smooth_quant_alpha: float | str | None = None
     preset: str | None = None
 
@@ -313,6 +315,7 @@ class AutoQuantizationConfig:
         """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights against vpmaddubsw saturation."""
         _static_only(is_static, "avx2")
         kwargs.setdefault("smooth_quant_alpha", "auto")
+        kwargs.setdefault("quantize_embeddings", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -325,6 +328,7 @@ class AutoQuantizationConfig:
         """AVX512 without VNNI: same saturation hazard as AVX2."""
         _static_only(is_static, "avx512")
         kwargs.setdefault("smooth_quant_alpha", "auto")
+        kwargs.setdefault("quantize_embeddings", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -337,6 +341,7 @@ class AutoQuantizationConfig:
         """x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8."""
         _static_only(is_static, "avx512_vnni")
         kwargs.setdefault("smooth_quant_alpha", "auto")
+        kwargs.setdefault("quantize_embeddings", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="avx512_vnni", **kwargs
         )
@@ -346,6 +351,7 @@ class AutoQuantizationConfig:
         """ARM64 (NEON / dot product): u8 activations, s8 weights."""
         _static_only(is_static, "arm64")
         kwargs.setdefault("smooth_quant_alpha", "auto")
+        kwargs.setdefault("quantize_embeddings", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="arm64", **kwargs
         )

@@ -325,6 +325,10 @@ class ORTQuantizer:
                 f"(e.g. {next(iter(plan.float_nodes.items()), ('-', '-'))[1]})"
             )
         insert_qdq(model, plan)
+        if config.quantize_embeddings:
+            from ortq.passes.embeddings import quantize_embedding_gathers
+
+            quantize_embedding_gathers(model, plan)
         self.last_plan = plan
         report = {"method": "static_int8", "config": config.to_dict(), "notes": notes, "plan": plan.to_dict()}
         if self._smoothing is not None:
