@@ -183,3 +183,142 @@ def test_collector_counts_mask_sentinels():
     collector = RangeCollector(_seq_model(), ["h"], METHODS["minmax"], intra_op_num_threads=1)
     r = collector.collect([f], show_progress=False).compute_ranges()["h"]
     assert math.isfinite(r.low) and r.num_excluded >= 1
+
+
+def _kl_reference(counts, start, end, levels):
+    """KL(P || Q) of one candidate, spelled out bin by bin."""
+    c = np.asarray(counts, np.float64)
+    sliced = c[start:end]
+    p = sliced.copy()
+    p[0] += c[:start].sum()
+    p[-1] += c[end:].sum()
+    width = end - start
+    group = (np.arange(width) * levels) // width
+    nonzero = sliced > 0
+    sums = np.bincount(group, weights=sliced, minlength=levels)
+    slots = np.bincount(group, weights=nonzero, minlength=levels)
+    q = np.where(nonzero, np.divide(sums, slots, out=np.zeros(levels), where=slots > 0)[group], 0.0)
+    p_n, q_n = p / p.sum(), q / q.sum()
+    keep = p_n > 0
+    return float(np.sum(p_n[keep] * np.log(p_n[keep] / np.maximum(q_n[keep], 1e-12))))
+
+
+def test_vectorised_kl_matches_the_bin_by_bin_definition():
+    from ortq.calibrators.entropy import kl_divergences
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(4, 300))
+        counts = (rng.integers(0, 6, n) * (rng.random(n) < 0.7)).astype(np.float64)
+        levels = int(rng.integers(2, 40))
+        start = int(rng.integers(0, n))
+        end = int(rng.integers(start + 1, n + 1))
+        if counts[start:end].sum() == 0:
+            continue
+        got = kl_divergences(counts, np.array([start]), np.array([end]), levels)[0]
+        assert got == pytest.approx(_kl_reference(counts, start, end, levels), rel=1e-9, abs=1e-12)
+
+
+def test_joint_kl_search_is_the_grid_minimum():
+    from ortq.calibrators.entropy import kl_divergences, kl_range_bins
+
+    rng = np.random.default_rng(8)
+    data = np.concatenate([rng.standard_normal(50_000), 40 + rng.standard_normal(20)])
+    counts, _ = np.histogram(data, bins=512, range=(-64, 64))
+    start, end = kl_range_bins(counts, 256, 64)
+    assert start <= 256 <= end and end - start >= 64
+    # No single-end move improves it (a local minimum of the exact search), and the far outliers are clipped.
+    best = kl_divergences(counts, np.array([start]), np.array([end]), 64)[0]
+    ends = np.arange(start + 64, 513)
+    assert kl_divergences(counts, np.full_like(ends, start), ends, 64).min() >= best - 1e-12
+    assert end < 256 + 40 * 4
+
+
+def test_entropy_asymmetric_and_symmetric_ranges():
+    rng = np.random.default_rng(9)
+    # A GELU-like activation: a small negative floor, a heavy positive tail.
+    x = rng.standard_normal(400_000).astype(np.float32)
+    act = np.where(x > 0, x * np.exp(rng.standard_normal(x.size)).astype(np.float32), -0.17 * (x < -0.5))
+    act = act.astype(np.float32)
+    mm = _feed(make_observer(METHODS["minmax"]), act, 100_000).compute_range()
+    ent = _feed(make_observer(METHODS["entropy"]), act, 100_000).compute_range()
+    assert ent.low == pytest.approx(-0.17, abs=1e-6)  # the negative side is narrow: kept whole
+    assert np.percentile(act, 99.9) < ent.high < 0.75 * mm.high
+    sym = _feed(make_observer(AutoCalibrationConfig.entropy(symmetric=True)), act, 100_000).compute_range()
+    assert sym.low == -sym.high and sym.high < mm.high
+
+
+HEADS_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, S, 4] x, int64[B, S] attention_mask) => (float[B, 2, S, 2] heads, float[N, 4] flat) {
+    split = Reshape(x, hshape)
+    heads = Transpose<perm = [0, 2, 1, 3]>(split)
+    flat = Reshape(x, fshape)
+}
+"""
+
+
+def _heads_model():
+    proto = onnx.parser.parse_model(HEADS_MODEL)
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array([0, 0, 2, 2], np.int64), "hshape"),
+            onnx.numpy_helper.from_array(np.array([-1, 4], np.int64), "fshape"),
+        ]
+    )
+    onnx.checker.check_model(proto)
+    return proto
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_collector_padding_in_head_and_flattened_layouts(method):
+    rng = np.random.default_rng(10)
+    # Two tokens per sentence: the sequence axis has the size of the heads axis (2).
+    batches = [_batch(rng, [2, 1]), _batch(rng, [1, 2, 2])]
+    real = np.concatenate([f["x"][f["attention_mask"].astype(bool)].ravel() for f in batches])
+    state = RangeCollector(_heads_model(), ["heads", "flat"], METHODS[method], intra_op_num_threads=1).collect(
+        batches, show_progress=False
+    )
+    ranges = state.compute_ranges()
+    for name in ("heads", "flat"):
+        r = ranges[name]
+        assert r.high < 100, name  # the 1000s at padded positions never entered
+        assert r.num_values == real.size and r.num_excluded == 0
+        if method == "minmax":
+            assert (r.low, r.high) == (float(real.min()), float(real.max()))
+
+
+def test_collector_skips_non_float_tensors_and_rejects_unknown_ones():
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, 4] x, int64[B, S] attention_mask) => (float[B, S, 4] y, int64[B, S] m2) {
+            y = Relu(x)
+            m2 = Identity(attention_mask)
+        }
+        """
+    )
+    c = RangeCollector(proto, ["y", "m2"], METHODS["minmax"])
+    assert c.tensor_names == ["y"]
+    from ortq.errors import ModelError
+
+    with pytest.raises(ModelError):
+        RangeCollector(proto, ["nope"], METHODS["minmax"])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_collect_in_parts_equals_collect_at_once(method, tmp_path):
+    rng = np.random.default_rng(11)
+    batches = [_batch(rng, list(rng.integers(1, 9, size=int(rng.integers(1, 5))))) for _ in range(6)]
+    once = RangeCollector(_seq_model(), ["h", "y"], METHODS[method]).collect(batches, show_progress=False)
+    # partial fits: the same collector twice, and a shard collected elsewhere, saved, loaded, merged
+    parts = RangeCollector(_seq_model(), ["h", "y"], METHODS[method])
+    parts.collect(batches[:2], show_progress=False)
+    parts.collect(batches[2:4], show_progress=False)
+    other = RangeCollector(_seq_model(), ["h", "y"], METHODS[method]).collect(batches[4:], show_progress=False)
+    other.save(tmp_path / "shard.npz")
+    parts.state.merge(CalibrationState.load(tmp_path / "shard.npz"))
+    assert parts.state.compute_ranges() == once.compute_ranges()
+    assert parts.state.num_samples == once.num_samples
+    summary = parts.state.summary()
+    assert summary["num_tensors"] == 2 and summary["num_excluded_values"] == 0

@@ -134,16 +134,23 @@ def _load_proto(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"{model}: cannot load ({exc})") from exc
 
 
-def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value the graph knows (after shape inference where it succeeds)."""
+def _value_info(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple[bool, ...]]]:
+    """Element type of every value the graph knows, and which of its axes have a static size (after shape
+    inference where it succeeds). A static axis is never the sequence axis."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < _MAX_PROTO_BYTES else proto
     except Exception:
         inferred = proto
     g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    types: dict[str, int] = {}
+    static: dict[str, tuple[bool, ...]] = {}
+    for v in (*g.input, *g.value_info, *g.output):
+        tt = v.type.tensor_type
+        types[v.name] = tt.elem_type
+        if tt.HasField("shape"):
+            static[v.name] = tuple(d.HasField("dim_value") for d in tt.shape.dim)
     types.update({t.name: t.data_type for t in g.initializer})
-    return types
+    return types, static
 
 
 class RangeCollector:
@@ -169,7 +176,7 @@ class RangeCollector:
         self.config = config
         self.state = CalibrationState(config)
         proto = _load_proto(model)
-        types = _value_types(proto)
+        types, static = _value_info(proto)
         produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
         names = []
         for name in dict.fromkeys(tensor_names):
@@ -180,6 +187,7 @@ class RangeCollector:
                 continue
             names.append(name)
         self.tensor_names = names
+        self._static = {name: static.get(name, ()) for name in names}
         for name in names:
             self.state.observer(name)
         self._in_graph = config.method is CalibrationMethod.MINMAX
@@ -204,35 +212,26 @@ class RangeCollector:
                     graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
                 self._outputs[name] = (name,)
                 continue
-            # Per-row extremes: reshape to [d0, d1, -1] (shape padded with 1s for ranks < 2), reduce axis 2.
-            x = f"__ortq_f32_{i}"
+            # Extremes of each row of the last axis: x -> [1, *x.shape] -> reduce axis -1 -> [1, *x.shape[:-1]].
+            # The leading 1 makes scalars work too; the tensor's shape comes back to count values.
+            x, shape, target, rows = (f"__ortq_{k}_{i}" for k in ("f32", "shape", "target", "rows"))
             graph.node.append(onnx.helper.make_node("Cast", [name], [x], to=onnx.TensorProto.FLOAT))
-            shape, padded, lead, target, rows = (f"__ortq_{k}_{i}" for k in ("shape", "padded", "lead", "target", "rows"))
             graph.node.append(onnx.helper.make_node("Shape", [x], [shape]))
-            graph.node.append(onnx.helper.make_node("Concat", [shape, "__ortq_ones"], [padded], axis=0))
-            graph.node.append(onnx.helper.make_node("Slice", [padded, "__ortq_zero", "__ortq_two"], [lead]))
-            graph.node.append(onnx.helper.make_node("Concat", [lead, "__ortq_minus_one"], [target], axis=0))
+            graph.node.append(onnx.helper.make_node("Concat", ["__ortq_one", shape], [target], axis=0))
             graph.node.append(onnx.helper.make_node("Reshape", [x, target], [rows]))
             lo, hi = f"__ortq_min_{i}", f"__ortq_max_{i}"
             if opset >= 18:
-                graph.node.append(onnx.helper.make_node("ReduceMin", [rows, "__ortq_axis2"], [lo], keepdims=0))
-                graph.node.append(onnx.helper.make_node("ReduceMax", [rows, "__ortq_axis2"], [hi], keepdims=0))
+                graph.node.append(onnx.helper.make_node("ReduceMin", [rows, "__ortq_last"], [lo], keepdims=0))
+                graph.node.append(onnx.helper.make_node("ReduceMax", [rows, "__ortq_last"], [hi], keepdims=0))
             else:
-                graph.node.append(onnx.helper.make_node("ReduceMin", [rows], [lo], axes=[2], keepdims=0))
-                graph.node.append(onnx.helper.make_node("ReduceMax", [rows], [hi], axes=[2], keepdims=0))
-            graph.output.extend(
-                [onnx.helper.make_empty_tensor_value_info(lo), onnx.helper.make_empty_tensor_value_info(hi)]
-            )
-            self._outputs[name] = (lo, hi)
+                graph.node.append(onnx.helper.make_node("ReduceMin", [rows], [lo], axes=[-1], keepdims=0))
+                graph.node.append(onnx.helper.make_node("ReduceMax", [rows], [hi], axes=[-1], keepdims=0))
+            graph.output.extend(onnx.helper.make_empty_tensor_value_info(v) for v in (lo, hi, shape))
+            self._outputs[name] = (lo, hi, shape)
         if self._in_graph and self.tensor_names:
-            consts = {
-                "__ortq_ones": np.array([1, 1], np.int64),
-                "__ortq_zero": np.array([0], np.int64),
-                "__ortq_two": np.array([2], np.int64),
-                "__ortq_minus_one": np.array([-1], np.int64),
-            }
+            consts = {"__ortq_one": np.array([1], np.int64)}
             if opset >= 18:
-                consts["__ortq_axis2"] = np.array([2], np.int64)
+                consts["__ortq_last"] = np.array([-1], np.int64)
             graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
         return aug
 
@@ -255,6 +254,7 @@ class RangeCollector:
                     self._session = ort.InferenceSession(self._proto.SerializeToString(), so, providers=self._providers)
             except Exception as exc:
                 raise ModelError(f"onnxruntime could not load the model for calibration: {_first_line(exc)}") from exc
+            self._proto = None  # the session holds the weights now; keep one copy, not two
         return self._session
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -266,17 +266,25 @@ class RangeCollector:
         session = self._session_for_run()
         fetch = [o for name in self.tensor_names for o in self._outputs[name]]
         input_names = {i.name for i in session.get_inputs()}
+        if total is None and hasattr(batches, "__len__"):
+            try:
+                total = len(batches)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
         bar = tqdm(total=total, desc=f"calibrating ({self.config.method.value})", unit="batch", disable=not show_progress)
         try:
-            for feeds in batches:
-                feeds = {k: v for k, v in feeds.items() if k in input_names}
+            for batch in batches:
+                # The mask is read from the batch even when the graph does not take it as an input.
+                mask = batch.get("attention_mask") if self.config.exclude_padding else None
+                mask = np.asarray(mask) if mask is not None else None
+                feeds = {k: v for k, v in batch.items() if k in input_names}
                 try:
                     outs = session.run(fetch, feeds)
                 except Exception as exc:
                     raise CalibrationDataError(
                         f"onnxruntime failed on a calibration batch: {_first_line(exc)}"
                     ) from exc
-                self._fold(dict(zip(fetch, outs)), feeds.get("attention_mask") if self.config.exclude_padding else None)
+                self._fold(dict(zip(fetch, outs)), mask)
                 n = len(next(iter(feeds.values()))) if feeds else 0
                 self.state.num_samples += n
                 self.state.num_batches += 1
@@ -290,35 +298,57 @@ class RangeCollector:
     def _fold(self, outs: dict[str, np.ndarray], mask: np.ndarray | None) -> None:
         for name in self.tensor_names:
             obs = self.state.observers[name]
-            if self._in_graph:
-                lo, hi = outs[self._outputs[name][0]], outs[self._outputs[name][1]]
-                keep = _row_mask(lo.shape, mask)
-                lo, hi = lo[keep] if keep is not None else lo.ravel(), hi[keep] if keep is not None else hi.ravel()
-                bad = ~((np.abs(lo) < SENTINEL_ABS) & (np.abs(hi) < SENTINEL_ABS))
-                if bad.any():
-                    obs.num_excluded += int(bad.sum())
-                    lo, hi = lo[~bad], hi[~bad]
-                if lo.size:
-                    obs.num_values += int(lo.size)
-                    obs.update_extremes(float(lo.min()), float(hi.max()))
-            else:
+            static = self._static[name]
+            if not self._in_graph:
                 x = outs[name]
-                keep = _row_mask(x.shape, mask)
+                keep = _row_mask(x.shape, mask, static)
                 obs.update(x[keep] if keep is not None else x)
+                continue
+            lo_name, hi_name, shape_name = self._outputs[name]
+            shape = tuple(int(d) for d in outs[shape_name])
+            row_len = shape[-1] if shape else 1
+            if row_len == 0:
+                continue
+            lo, hi = outs[lo_name], outs[hi_name]
+            if shape:  # drop the leading 1 of [1, *shape[:-1]]
+                lo, hi = lo[0], hi[0]
+            keep = _row_mask(shape, mask, static)
+            if keep is not None and keep.ndim >= len(shape):
+                keep = None  # the padding runs along the reduced axis: rows are taken whole
+            lo, hi = (lo[keep], hi[keep]) if keep is not None else (lo.ravel(), hi.ravel())
+            # A row holding a non-finite or mask-sentinel value is dropped whole: its values are excluded.
+            bad = ~((np.abs(lo) < SENTINEL_ABS) & (np.abs(hi) < SENTINEL_ABS))
+            if bad.any():
+                obs.num_excluded += int(bad.sum()) * row_len
+                lo, hi = lo[~bad], hi[~bad]
+            if lo.size:
+                obs.num_values += int(lo.size) * row_len
+                obs.update_extremes(float(lo.min()), float(hi.max()))
 
 
-def _row_mask(shape: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray | tuple | None:
-    """An index selecting the non-padded positions of a tensor laid out [batch, seq, ...], else None."""
-    if mask is None or len(shape) < 2 or mask.ndim != 2:
+def _row_mask(
+    shape: tuple[int, ...], mask: np.ndarray | None, static: tuple[bool, ...] = ()
+) -> np.ndarray | None:
+    """A boolean index selecting the non-padded positions of a tensor (over its leading axes), else None.
+
+    Layouts: ``[batch, seq, ...]``, ``[batch, X, seq, ...]`` (heads) and ``[batch * seq, ...]`` (flattened
+    before a MatMul). ``static`` flags the axes whose size the graph fixes (heads, hidden): those are never
+    taken for the sequence axis, so 12 heads are not mistaken for 12 tokens.
+    """
+    if mask is None or mask.ndim != 2 or not shape:
         return None
     b, s = mask.shape
-    if shape[0] != b:
-        return None
+
+    def dynamic(axis: int) -> bool:
+        return axis >= len(static) or not static[axis]
+
     m = mask.astype(bool)
-    if shape[1] == s:
+    if len(shape) >= 2 and shape[0] == b and shape[1] == s and dynamic(1):
         return m  # [batch, seq, ...]
-    if len(shape) >= 3 and shape[2] == s:
+    if len(shape) >= 3 and shape[0] == b and shape[2] == s and dynamic(2):
         return np.broadcast_to(m[:, None, :], shape[:3])  # [batch, heads, seq, ...]
+    if shape[0] == b * s and dynamic(0):
+        return m.reshape(-1)  # [batch * seq, ...]
     return None
 
 
