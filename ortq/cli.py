@@ -77,10 +77,13 @@ def _weight_only_config(args: argparse.Namespace):
         bits=bits,
         block_size=args.block_size,
         symmetric=args.symmetric,
-        accuracy_level=args.accuracy_level,
+        accuracy_level=None if args.accuracy_level == "unset" else int(args.accuracy_level),
         algorithm=args.algorithm,
         int8_nodes=tuple(args.int8_nodes or ()),
         nodes_to_exclude=tuple(args.exclude or ()),
+        auto_int8_sensitive=not args.no_auto_int8,
+        quantize_embeddings=not args.no_quantize_embeddings,
+        int8_block_size=args.int8_block_size,
     )
 
 
@@ -97,12 +100,16 @@ def _static_config(args: argparse.Namespace):
     return AutoQuantizationConfig.from_name(args.preset, **kwargs)
 
 
+def _has_tokenizer(input_path: Path) -> bool:
+    folder = input_path if input_path.is_dir() else input_path.parent
+    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def _default_calibration_data(input_path: Path, num_samples: int | None) -> Any:
     """Without --calibration-data, text models calibrate on real offline English sentences."""
     from ortq.data import real_text
 
-    folder = input_path if input_path.is_dir() else input_path.parent
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not _has_tokenizer(input_path):
         raise ConfigError(
             "--calibration-data is required for a model without tokenizer files "
             "(give .npz arrays keyed by graph input name, or a text/jsonl file for an exported folder)"
@@ -118,11 +125,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     quantizer = ORTQuantizer.from_pretrained(args.input)
     quantizer.show_progress = not args.quiet
     if args.weight_only:
+        if args.algorithm is None:
+            # Data-aware GPTQ when data is at hand (given, or real text for a text model); else RTN.
+            args.algorithm = "gptq" if args.calibration_data or _has_tokenizer(Path(args.input)) else "rtn"
         config = _weight_only_config(args)
         data = args.calibration_data
         if data is None and config.algorithm.value != "rtn":
             data = _default_calibration_data(Path(args.input), args.num_samples)
-        path = quantizer.quantize(config, args.output, calibration_data=data, overwrite=args.overwrite)
+        calib = AutoCalibrationConfig.minmax(num_samples=args.num_samples) if args.num_samples else None
+        path = quantizer.quantize(
+            config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite
+        )
     else:
         config = _static_config(args)
         calib = AutoCalibrationConfig.from_method(
@@ -232,8 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-only", choices=["int4", "int8"], help="weight-only MatMulNBits instead of QDQ")
     p.add_argument("--block-size", type=_positive_int, default=32)
     p.add_argument("--symmetric", action="store_true", help="symmetric weight-only blocks")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4)
-    p.add_argument("--algorithm", default="rtn", help="weight-only algorithm (rtn, gptq, awq)")
+    p.add_argument(
+        "--accuracy-level",
+        choices=["0", "1", "2", "3", "4", "unset"],
+        default="4",
+        help="MatMulNBits accuracy_level (4: int8 activations, the fast CPU path; unset: omit the attribute)",
+    )
+    p.add_argument(
+        "--algorithm",
+        choices=["rtn", "gptq"],
+        help="weight-only algorithm (default: gptq when calibration data or a tokenizer is at hand, else rtn)",
+    )
+    p.add_argument("--int8-block-size", type=_positive_int, help="block size of the 8-bit weight-only layers")
+    p.add_argument("--no-auto-int8", action="store_true", help="do not keep lm_head / tied layers at 8 bits")
+    p.add_argument("--no-quantize-embeddings", action="store_true", help="keep embedding tables in float")
     p.add_argument("--int8-nodes", action="append", metavar="NODE", help="weight-only: keep these at 8 bits")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_quantize)

@@ -153,14 +153,14 @@ def run_recipe(
         ("int8 static (QDQ)", AutoQuantizationConfig.for_host(), AutoCalibrationConfig.from_method(calibration_method)),
     ]
     if with_int4:
-        variants.append(("int4 weight-only", WeightOnlyConfig(block_size=32), None))
+        variants.append(("int4 weight-only (GPTQ)", WeightOnlyConfig(block_size=32, algorithm="gptq"), None))
     for i, (name, qconfig, cconfig) in enumerate(variants):
         out = work / ("int8" if i == 0 else "int4")
         t0 = time.perf_counter()
         path = quantizer.quantize(
             qconfig,
             out,
-            calibration_data=calibration if cconfig is not None else None,
+            calibration_data=calibration,
             calibration_config=cconfig,
             overwrite=overwrite,
         )

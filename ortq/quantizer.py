@@ -255,7 +255,7 @@ class ORTQuantizer:
         out = check_output_dir(save_dir, inputs=(self.model_path,), overwrite=overwrite)
 
         if isinstance(quantization_config, WeightOnlyConfig):
-            model, report = self._weight_only(quantization_config, calibration_data)
+            model, report = self._weight_only(quantization_config, calibration_data, calibration_config)
         else:
             model, report = self._static(
                 quantization_config, calibration_tensors_range, calibration_data, calibration_config
@@ -357,12 +357,17 @@ class ORTQuantizer:
             logger.info("int8 share of MatMul/Gemm/Conv FLOPs on the CPU EP: %.1f%%", 100 * flops["int8_fraction"])
         return summary
 
-    def _weight_only(self, config: WeightOnlyConfig, calibration_data: Any) -> tuple[ir.Model, dict[str, Any]]:
+    def _weight_only(
+        self, config: WeightOnlyConfig, calibration_data: Any, calibration_config: CalibrationConfig | None
+    ) -> tuple[ir.Model, dict[str, Any]]:
         from ortq.passes.matmul_nbits import quantize_weight_only
 
         batches = None
         if calibration_data is not None:
-            batches = self.batches(calibration_data, num_samples=128)
+            # GPTQ's Hessians want thousands of tokens; RTN only weighs channels with them.
+            default = 512 if config.algorithm.value == "gptq" else 128
+            num = calibration_config.num_samples if calibration_config and calibration_config.num_samples else default
+            batches = self.batches(calibration_data, num_samples=num, batch_size=8)
         model, report = quantize_weight_only(self._ir_model(), config, calibration_batches=batches)
         return model, {"method": "weight_only", **report}
 
