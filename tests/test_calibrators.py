@@ -276,9 +276,9 @@ def test_collector_padding_in_head_and_flattened_layouts(method):
     # Two tokens per sentence: the sequence axis has the size of the heads axis (2).
     batches = [_batch(rng, [2, 1]), _batch(rng, [1, 2, 2])]
     real = np.concatenate([f["x"][f["attention_mask"].astype(bool)].ravel() for f in batches])
-    state = RangeCollector(_heads_model(), ["heads", "flat"], METHODS[method], intra_op_num_threads=1).collect(
-        batches, show_progress=False
-    )
+    state = RangeCollector(
+        _heads_model(), ["heads", "flat"], METHODS[method], intra_op_num_threads=1
+    ).collect(batches, show_progress=False)
     ranges = state.compute_ranges()
     for name in ("heads", "flat"):
         r = ranges[name]
@@ -315,7 +315,9 @@ def test_collect_in_parts_equals_collect_at_once(method, tmp_path):
     parts = RangeCollector(_seq_model(), ["h", "y"], METHODS[method])
     parts.collect(batches[:2], show_progress=False)
     parts.collect(batches[2:4], show_progress=False)
-    other = RangeCollector(_seq_model(), ["h", "y"], METHODS[method]).collect(batches[4:], show_progress=False)
+    other = RangeCollector(_seq_model(), ["h", "y"], METHODS[method]).collect(
+        batches[4:], show_progress=False
+    )
     other.save(tmp_path / "shard.npz")
     parts.state.merge(CalibrationState.load(tmp_path / "shard.npz"))
     assert parts.state.compute_ranges() == once.compute_ranges()

@@ -66,9 +66,14 @@ class StreamingHistogram:
         self._grow_to(self._radius_for(max(-lo, hi)))
         # radius is a power of two, so the scale is exact and floor() lands on the same bin at any radius.
         scale = np.float32(self.num_bins / (2.0 * self.radius))
-        idx = np.floor(values * scale).astype(np.int64)
-        idx += self.num_bins // 2
-        np.clip(idx, 0, self.num_bins - 1, out=idx)
+        scaled = values * scale
+        np.floor(scaled, out=scaled)
+        idx = scaled.astype(np.intp)
+        del scaled
+        half = self.num_bins // 2
+        idx += half
+        # |x| < radius, so only rounding at the top edge can reach num_bins.
+        np.minimum(idx, self.num_bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.num_bins)
 
     def merge(self, other: StreamingHistogram) -> None:

@@ -30,7 +30,12 @@ from ortq.errors import CalibrationDataError, ModelError
 logger = logging.getLogger(__name__)
 
 _MAX_PROTO_BYTES = 1_800_000_000
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
 
 
 class CalibrationState:
@@ -110,7 +115,9 @@ class CalibrationState:
         except FileNotFoundError:
             raise CalibrationDataError(f"{path}: no such calibration state file") from None
         except Exception as exc:
-            raise CalibrationDataError(f"{path}: not an ortq calibration state ({type(exc).__name__})") from exc
+            raise CalibrationDataError(
+                f"{path}: not an ortq calibration state ({type(exc).__name__})"
+            ) from exc
         if meta.get("format") != "ortq-calibration-state-1":
             raise CalibrationDataError(f"{path}: unknown calibration state format {meta.get('format')!r}")
         config = CalibrationConfig.from_dict(meta["config"])
@@ -134,11 +141,45 @@ def _load_proto(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"{model}: cannot load ({exc})") from exc
 
 
+def _approx_bytes(proto: onnx.ModelProto) -> int:
+    """Size of the model's initializers (a cheap lower bound of ``ByteSize``)."""
+    total = 0
+    for t in proto.graph.initializer:
+        total += (
+            len(t.raw_data)
+            + 4 * (len(t.float_data) + len(t.int32_data))
+            + 8 * (len(t.int64_data) + len(t.double_data))
+        )
+    return total
+
+
+def _light_copy(proto: onnx.ModelProto, max_init_bytes: int = 4096) -> onnx.ModelProto:
+    """The model without its large initializers (declared as graph inputs instead): enough for shape
+    inference, without copying the weights. Small initializers (shape constants) keep their values."""
+    light = onnx.ModelProto()
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    g, lg = proto.graph, light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        if len(t.raw_data) <= max_init_bytes and t.data_location != onnx.TensorProto.EXTERNAL:
+            lg.initializer.append(t)
+        elif t.name not in declared:
+            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
 def _value_info(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple[bool, ...]]]:
     """Element type of every value the graph knows, and which of its axes have a static size (after shape
     inference where it succeeds). A static axis is never the sequence axis."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < _MAX_PROTO_BYTES else proto
+        inferred = onnx.shape_inference.infer_shapes(_light_copy(proto))
     except Exception:
         inferred = proto
     g = inferred.graph
@@ -149,7 +190,7 @@ def _value_info(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple
         types[v.name] = tt.elem_type
         if tt.HasField("shape"):
             static[v.name] = tuple(d.HasField("dim_value") for d in tt.shape.dim)
-    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
     return types, static
 
 
@@ -193,18 +234,20 @@ class RangeCollector:
         self._in_graph = config.method is CalibrationMethod.MINMAX
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._threads = intra_op_num_threads
-        self._proto = self._augment(proto)
+        self._base: onnx.ModelProto | None = proto
+        self._extra = self._augment(proto)
         self._session = None
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     # --------------------------------------------------------------------------------------- the graph
 
     def _augment(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """The additions to the graph, as a model holding only them: serialized after the original model,
+        protobuf merges the two (repeated fields append), so the weights are never copied."""
         aug = onnx.ModelProto()
-        aug.CopyFrom(proto)
         graph = aug.graph
-        existing = {o.name for o in graph.output}
-        opset = next((o.version for o in aug.opset_import if o.domain in ("", "ai.onnx")), 13)
+        existing = {o.name for o in proto.graph.output}
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
         self._outputs: dict[str, tuple[str, ...]] = {}
         for i, name in enumerate(self.tensor_names):
             if not self._in_graph:
@@ -244,23 +287,39 @@ class RangeCollector:
                 so.intra_op_num_threads = self._threads
             # Plain execution: fusions could remove the very tensors we observe.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            base = self._base
             try:
-                if self._proto.ByteSize() > _MAX_PROTO_BYTES:
+                if _approx_bytes(base) > _MAX_PROTO_BYTES:
+                    # Too big for one protobuf message: write the augmented model with external data.
+                    aug = onnx.ModelProto()
+                    aug.CopyFrom(base)
+                    aug.MergeFrom(self._extra)
                     self._tmp = tempfile.TemporaryDirectory(prefix="ortq-calib-")
                     path = Path(self._tmp.name) / "augmented.onnx"
-                    onnx.save_model(self._proto, str(path), save_as_external_data=True, location="augmented.onnx.data")
+                    onnx.save_model(
+                        aug, str(path), save_as_external_data=True, location="augmented.onnx.data"
+                    )
+                    del aug
                     self._session = ort.InferenceSession(str(path), so, providers=self._providers)
                 else:
-                    self._session = ort.InferenceSession(self._proto.SerializeToString(), so, providers=self._providers)
+                    data = base.SerializeToString() + self._extra.SerializeToString()
+                    self._session = ort.InferenceSession(data, so, providers=self._providers)
+                    del data
             except Exception as exc:
-                raise ModelError(f"onnxruntime could not load the model for calibration: {_first_line(exc)}") from exc
-            self._proto = None  # the session holds the weights now; keep one copy, not two
+                raise ModelError(
+                    f"onnxruntime could not load the model for calibration: {_first_line(exc)}"
+                ) from exc
+            self._base = None  # the session holds the weights now
         return self._session
 
     # ---------------------------------------------------------------------------------------- the loop
 
     def collect(
-        self, batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None, *, show_progress: bool = True
+        self,
+        batches: Iterable[Mapping[str, np.ndarray]],
+        total: int | None = None,
+        *,
+        show_progress: bool = True,
     ) -> CalibrationState:
         """Run every batch and fold its statistics in; may be called again with more data."""
         session = self._session_for_run()
@@ -271,7 +330,12 @@ class RangeCollector:
                 total = len(batches)  # type: ignore[arg-type]
             except TypeError:
                 total = None
-        bar = tqdm(total=total, desc=f"calibrating ({self.config.method.value})", unit="batch", disable=not show_progress)
+        bar = tqdm(
+            total=total,
+            desc=f"calibrating ({self.config.method.value})",
+            unit="batch",
+            disable=not show_progress,
+        )
         try:
             for batch in batches:
                 # The mask is read from the batch even when the graph does not take it as an input.

@@ -47,7 +47,11 @@ class MinMaxObserver(Observer):
         return self.min, self.max
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"min": np.array(self.min), "max": np.array(self.max), "num_batches": np.array(self.num_batches)}
+        return {
+            "min": np.array(self.min),
+            "max": np.array(self.max),
+            "num_batches": np.array(self.num_batches),
+        }
 
     def _load(self, state: dict[str, np.ndarray]) -> None:
         self.min, self.max = float(state["min"]), float(state["max"])
