@@ -156,6 +156,8 @@ class QuantizationConfig:
             scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
             more than the int8 kernel saves, and they carry most of the error.
         quantize_embeddings: large embedding Gathers become 8-bit ``GatherBlockQuantized`` (CPU presets).
+        tune_cpu_kernels: keep ONNX Runtime's CPU EP off fused kernels that measure slower on this machine
+            than the ops they replace (see :mod:`ortq.passes.cpu_kernels`; CPU presets).
         smooth_quant_alpha: SmoothQuant migration strength in [0, 1] for MatMuls with constant weights,
             ``"auto"`` to search it per activation on calibration rows (the presets' default), None: off.
         preset: the name of the preset this config came from, for reports.
@@ -171,6 +173,7 @@ class QuantizationConfig:
     nodes_to_exclude: tuple[str, ...] = ()
     quantize_activation_matmuls: bool = False
     quantize_embeddings: bool = False
+    tune_cpu_kernels: bool = False
     smooth_quant_alpha: float | str | None = None
     preset: str | None = None
 
@@ -255,6 +258,7 @@ class WeightOnlyConfig:
     auto_int8_sensitive: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     int8_block_size: int | None = None
+    tune_cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
@@ -316,6 +320,7 @@ class AutoQuantizationConfig:
         _static_only(is_static, "avx2")
         kwargs.setdefault("smooth_quant_alpha", "auto")
         kwargs.setdefault("quantize_embeddings", True)
+        kwargs.setdefault("tune_cpu_kernels", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -329,6 +334,7 @@ class AutoQuantizationConfig:
         _static_only(is_static, "avx512")
         kwargs.setdefault("smooth_quant_alpha", "auto")
         kwargs.setdefault("quantize_embeddings", True)
+        kwargs.setdefault("tune_cpu_kernels", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(),
             reduce_range=reduce_range,
@@ -342,6 +348,7 @@ class AutoQuantizationConfig:
         _static_only(is_static, "avx512_vnni")
         kwargs.setdefault("smooth_quant_alpha", "auto")
         kwargs.setdefault("quantize_embeddings", True)
+        kwargs.setdefault("tune_cpu_kernels", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="avx512_vnni", **kwargs
         )
@@ -352,6 +359,7 @@ class AutoQuantizationConfig:
         _static_only(is_static, "arm64")
         kwargs.setdefault("smooth_quant_alpha", "auto")
         kwargs.setdefault("quantize_embeddings", True)
+        kwargs.setdefault("tune_cpu_kernels", True)
         return QuantizationConfig(
             weights_granularity=PerChannel() if per_channel else PerTensor(), preset="arm64", **kwargs
         )

@@ -329,8 +329,15 @@ class ORTQuantizer:
             from ortq.passes.embeddings import quantize_embedding_gathers
 
             quantize_embedding_gathers(model, plan)
+        cpu_kernels = None
+        if config.tune_cpu_kernels:
+            from ortq.passes.cpu_kernels import avoid_slow_skip_layernorm
+
+            cpu_kernels = avoid_slow_skip_layernorm(model)
         self.last_plan = plan
         report = {"method": "static_int8", "config": config.to_dict(), "notes": notes, "plan": plan.to_dict()}
+        if cpu_kernels is not None:
+            report["cpu_kernels"] = cpu_kernels
         if self._smoothing is not None:
             report["smooth_quant"] = {"alpha": self._smoothing[0], "activations": self._smoothing[1]}
         if self._collector is not None:
@@ -369,6 +376,10 @@ class ORTQuantizer:
             num = calibration_config.num_samples if calibration_config and calibration_config.num_samples else default
             batches = self.batches(calibration_data, num_samples=num, batch_size=8)
         model, report = quantize_weight_only(self._ir_model(), config, calibration_batches=batches)
+        if config.tune_cpu_kernels:
+            from ortq.passes.cpu_kernels import avoid_slow_skip_layernorm
+
+            report["cpu_kernels"] = avoid_slow_skip_layernorm(model)
         return model, {"method": "weight_only", **report}
 
 

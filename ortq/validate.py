@@ -312,6 +312,9 @@ def _session_options(threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Idle worker threads must not spin: two sessions alternate on the same cores, and a spinning pool of
+    # one would be timed as the other's latency.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
