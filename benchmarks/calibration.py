@@ -18,8 +18,9 @@ the host preset (SmoothQuant off, so the ranges alone decide) and held-out sente
 with fp32 (cosine, mean and worst).
 
     python benchmarks/calibration.py [--sizes 128,512,2048] [--methods minmax,percentile,entropy]
+                                     [--padding longest|max]
 
-Prints a table and writes benchmarks/results/calibration.json.
+Prints a table and writes benchmarks/results/calibration.json (calibration_padmax.json with --padding max).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def run_case(case: dict) -> dict:
     batches = list(
         load_batches(texts, model=fp32, tokenizer=fp32_dir, batch_size=BATCH, max_length=MAX_LENGTH)
     )
+    if case.get("padding") == "max":
+        batches = [
+            {k: np.pad(v, [(0, 0), (0, MAX_LENGTH - v.shape[1])]) if v.ndim == 2 else v for k, v in b.items()}
+            for b in batches
+        ]
     out: dict = {
         "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
         "padded_tokens": int(sum(b["attention_mask"].size for b in batches)),
@@ -153,34 +159,50 @@ def run_case(case: dict) -> dict:
 
     if case.get("fidelity"):
         out["fidelity"] = fidelity(fp32_dir, ranges, case["heldout"])
+        if tool == "ortq":
+            out["fidelity_preset"] = fidelity(fp32_dir, None, case["heldout"], texts=texts, method=method)
     return out
 
 
-def fidelity(fp32_dir: Path, ranges: dict[str, tuple[float, float]], heldout: int) -> dict:
+def fidelity(
+    fp32_dir: Path,
+    ranges: dict[str, tuple[float, float]] | None,
+    heldout: int,
+    *,
+    texts: list[str] | None = None,
+    method: str | None = None,
+) -> dict:
+    """Held-out cosine of the model quantized with ``ranges`` (host preset, SmoothQuant off), or, with
+    ``ranges=None``, calibrated on ``texts`` with ``method`` by the full host preset (SmoothQuant included)."""
     import numpy as np
     import onnx_ir as ir
     import onnxruntime as ort
 
     from ortq.calibrators import TensorRange
-    from ortq.config import AutoQuantizationConfig
+    from ortq.config import AutoQuantizationConfig, CalibrationConfig
     from ortq.data import load_batches, real_text
     from ortq.passes.plan import calibration_targets
     from ortq.quantizer import ORTQuantizer
 
-    qconfig = AutoQuantizationConfig.for_host(smooth_quant_alpha=None)
     q = ORTQuantizer.from_pretrained(fp32_dir)
-    targets = calibration_targets(ir.from_proto(q.proto), qconfig)
-    missing = [t for t in targets if t not in ranges]
-    if missing:
-        return {"error": f"{len(missing)} activations without a range (e.g. {missing[0]})"}
-    bad = [t for t in targets if not all(np.isfinite(ranges[t]))]
-    if bad:
-        return {"error": f"{len(bad)} non-finite ranges (e.g. {bad[0]})"}
-    tr = {t: TensorRange(float(ranges[t][0]), float(ranges[t][1]), 1, 0) for t in targets}
+    if ranges is None:
+        qconfig = AutoQuantizationConfig.for_host()
+        kwargs = {"calibration_data": texts, "calibration_config": CalibrationConfig(method=method)}
+    else:
+        qconfig = AutoQuantizationConfig.for_host(smooth_quant_alpha=None)
+        targets = calibration_targets(ir.from_proto(q.proto), qconfig)
+        missing = [t for t in targets if t not in ranges]
+        if missing:
+            return {"error": f"{len(missing)} activations without a range (e.g. {missing[0]})"}
+        bad = [t for t in targets if not all(np.isfinite(ranges[t]))]
+        if bad:
+            return {"error": f"{len(bad)} non-finite ranges (e.g. {bad[0]})"}
+        tr = {t: TensorRange(float(ranges[t][0]), float(ranges[t][1]), 1, 0) for t in targets}
+        kwargs = {"calibration_tensors_range": tr}
     fp32 = fp32_dir / "model.onnx"
     held = list(load_batches(real_text("heldout", heldout), model=fp32, tokenizer=fp32_dir, batch_size=BATCH))
     with tempfile.TemporaryDirectory(prefix="ortq-bench-calib-") as tmp:
-        path = q.quantize(qconfig, Path(tmp) / "q", calibration_tensors_range=tr)
+        path = q.quantize(qconfig, Path(tmp) / "q", **kwargs)
         embs = []
         for model in (fp32, path):
             so = ort.SessionOptions()
@@ -257,6 +279,13 @@ def main() -> int:
         "--fidelity-at", type=int, default=512, help="sentences of the cases that get a fidelity check"
     )
     ap.add_argument("--heldout", type=int, default=256)
+    ap.add_argument(
+        "--padding",
+        choices=["longest", "max"],
+        default="longest",
+        help="pad each batch to its longest sentence, or every batch to 128 tokens (onnxruntime's histogram "
+        "calibrators need one length)",
+    )
     ap.add_argument("--mem-cap-gb", type=float, default=6.0)
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
     ap.add_argument("--work-dir", help="keep the exported model here (default: a temporary folder)")
@@ -289,7 +318,12 @@ def main() -> int:
     cap_mb = args.mem_cap_gb * 1024
     results: dict = {}
     for n in sizes:
-        base = {"model_dir": str(fp32_dir), "num_samples": n, "heldout": args.heldout}
+        base = {
+            "model_dir": str(fp32_dir),
+            "num_samples": n,
+            "heldout": args.heldout,
+            "padding": args.padding,
+        }
         floors = [spawn({**base, "tool": "floor"}, cap_mb, args.timeout)]
         rows: dict = {}
         for i, method in enumerate(methods):
@@ -310,8 +344,8 @@ def main() -> int:
                 row["ratio_to_floor"] = row["seconds"] / floor
 
     print(
-        f"\nall-MiniLM-L6-v2 calibration | real sentences, batch {BATCH}, <= {MAX_LENGTH} tokens padded to the "
-        f"batch's longest | ortq {THREADS} intra-op threads, onnxruntime calibrators: default threads | "
+        f"\nall-MiniLM-L6-v2 calibration | real sentences, batch {BATCH}, <= {MAX_LENGTH} tokens, padded to "
+        f"{'the batch longest' if args.padding == 'longest' else MAX_LENGTH} | ortq {THREADS} intra-op threads, onnxruntime calibrators: default threads | "
         "time = wall (session creation + collection + ranges), ratio to one warm fp32 forward pass (floor), "
         "peak RSS per case"
     )
@@ -327,20 +361,22 @@ def main() -> int:
         if "floor_peak_rss_mb" in res:
             print(f"{'':7s} {'':8s} {'(floor RSS)':10s} {res['floor_peak_rss_mb']:.0f} MB")
     fid_rows = [
-        (n, key, row["fidelity"])
+        (n, f"{key}{suffix}", row[field])
         for n, res in results.items()
         for key, row in res["cases"].items()
-        if isinstance(row.get("fidelity"), dict)
+        for field, suffix in (("fidelity", ""), ("fidelity_preset", " +SmoothQuant"))
+        if isinstance(row.get(field), dict)
     ]
     if fid_rows:
         print(
-            f"\nfidelity: host preset, SmoothQuant off, each case's ranges; {args.heldout} held-out sentences"
+            f"\nfidelity: host preset with each case's ranges (SmoothQuant off), and the full host preset "
+            f"(+SmoothQuant auto, recalibrated); {args.heldout} held-out sentences"
         )
         for n, key, fid in fid_rows:
             if "error" in fid:
-                print(f"{n:7d} {key:26s} error: {fid['error']}")
+                print(f"{n:7d} {key:38s} error: {fid['error']}")
             else:
-                print(f"{n:7d} {key:26s} cosine mean {fid['cosine_mean']:.4f}  min {fid['cosine_min']:.4f}")
+                print(f"{n:7d} {key:38s} cosine mean {fid['cosine_mean']:.4f}  min {fid['cosine_min']:.4f}")
     errors = [
         (n, k, r["error"]) for n, res in results.items() for k, r in res["cases"].items() if "error" in r
     ]
@@ -366,11 +402,12 @@ def main() -> int:
         "threads": {"ortq": THREADS, "floor": THREADS, "onnxruntime_calibrators": "default"},
         "batch_size": BATCH,
         "max_length": MAX_LENGTH,
+        "padding": args.padding,
         "mem_cap_gb": args.mem_cap_gb,
         "results": {str(n): r for n, r in results.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "calibration.json"
+    path = RESULTS / ("calibration.json" if args.padding == "longest" else "calibration_padmax.json")
     fd, tmp_path = tempfile.mkstemp(dir=RESULTS, prefix=".calibration.", suffix=".json")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(doc, indent=2) + "\n")

@@ -287,28 +287,37 @@ class RangeCollector:
                 so.intra_op_num_threads = self._threads
             # Plain execution: fusions could remove the very tensors we observe.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            # Batches padded to their longest sentence come in many shapes; a memory pattern cached per shape
+            # makes the RSS grow with the number of distinct lengths seen.
+            so.enable_mem_pattern = False
             base = self._base
+            self._tmp = tempfile.TemporaryDirectory(prefix="ortq-calib-", ignore_cleanup_errors=True)
+            path = Path(self._tmp.name) / "augmented.onnx"
+            external = _approx_bytes(base) > _MAX_PROTO_BYTES
             try:
-                if _approx_bytes(base) > _MAX_PROTO_BYTES:
+                if external:
                     # Too big for one protobuf message: write the augmented model with external data.
                     aug = onnx.ModelProto()
                     aug.CopyFrom(base)
                     aug.MergeFrom(self._extra)
-                    self._tmp = tempfile.TemporaryDirectory(prefix="ortq-calib-")
-                    path = Path(self._tmp.name) / "augmented.onnx"
                     onnx.save_model(
                         aug, str(path), save_as_external_data=True, location="augmented.onnx.data"
                     )
                     del aug
-                    self._session = ort.InferenceSession(str(path), so, providers=self._providers)
                 else:
-                    data = base.SerializeToString() + self._extra.SerializeToString()
-                    self._session = ort.InferenceSession(data, so, providers=self._providers)
-                    del data
+                    # From a file, ONNX Runtime keeps one copy of the weights (from bytes: two).
+                    with open(path, "wb") as f:
+                        f.write(base.SerializeToString())
+                        f.write(self._extra.SerializeToString())
+                self._session = ort.InferenceSession(str(path), so, providers=self._providers)
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime could not load the model for calibration: {_first_line(exc)}"
                 ) from exc
+            finally:
+                if not external or self._session is None:
+                    self._tmp.cleanup()  # the session has read the file (external data may be mapped: kept)
+                    self._tmp = None
             self._base = None  # the session holds the weights now
         return self._session
 
