@@ -55,9 +55,3 @@ def test_usage_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
     assert exc.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
-
-
-def test_run_tiny_recipe(tmp_path, capsys):
-    assert main(["run", "tiny-bert", "--work-dir", str(tmp_path / "run"), "--num-samples", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "int8 static" in out and "int4 weight-only" in out
