@@ -97,6 +97,9 @@ def _static_config(args: argparse.Namespace):
         kwargs["operators_to_quantize"] = tuple(o.strip() for o in args.operators.split(",") if o.strip())
     if args.smooth_quant is not None:
         kwargs["smooth_quant_alpha"] = args.smooth_quant
+    if args.int4_weights:
+        kwargs["weight_storage_bits"] = 4
+        kwargs["storage_block_size"] = args.block_size
     return AutoQuantizationConfig.from_name(args.preset, **kwargs)
 
 
@@ -243,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="NODE", help="node name or glob kept in float")
     p.add_argument("--smooth-quant", type=_float, metavar="ALPHA", help="SmoothQuant strength in [0, 1]")
     p.add_argument("--weight-only", choices=["int4", "int8"], help="weight-only MatMulNBits instead of QDQ")
+    p.add_argument(
+        "--int4-weights",
+        action="store_true",
+        help="static int8 with MatMul weights stored as 4-bit blocks (--block-size), unpacked to int8 at load",
+    )
     p.add_argument("--block-size", type=_positive_int, default=32)
     p.add_argument("--symmetric", action="store_true", help="symmetric weight-only blocks")
     p.add_argument(

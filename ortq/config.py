@@ -156,6 +156,9 @@ class QuantizationConfig:
             scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
             more than the int8 kernel saves, and they carry most of the error.
         quantize_embeddings: large embedding Gathers become 8-bit ``GatherBlockQuantized`` (CPU presets).
+        weight_storage_bits: 8, or 4 to store MatMul weights as 4-bit blocks that ONNX Runtime unpacks to int8
+            at load (W4A8: int4 size, int8 kernels; see :mod:`ortq.passes.int4_storage`).
+        storage_block_size: weights per scale of the 4-bit storage.
         tune_cpu_kernels: keep ONNX Runtime's CPU EP off fused kernels that measure slower on this machine
             than the ops they replace (see :mod:`ortq.passes.cpu_kernels`; CPU presets).
         smooth_quant_alpha: SmoothQuant migration strength in [0, 1] for MatMuls with constant weights,
@@ -174,6 +177,8 @@ class QuantizationConfig:
     quantize_activation_matmuls: bool = False
     quantize_embeddings: bool = False
     tune_cpu_kernels: bool = False
+    weight_storage_bits: int = 8
+    storage_block_size: int = 32
     smooth_quant_alpha: float | str | None = None
     preset: str | None = None
 
@@ -188,6 +193,11 @@ class QuantizationConfig:
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
         if not self.operators_to_quantize:
             raise ConfigError("operators_to_quantize is empty: nothing would be quantized")
+        if self.weight_storage_bits not in (4, 8):
+            raise ConfigError(f"weight_storage_bits must be 4 or 8, got {self.weight_storage_bits!r}")
+        bs = self.storage_block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ConfigError(f"storage_block_size must be a power of two >= 16, got {bs!r}")
         alpha = self.smooth_quant_alpha
         if alpha is not None and alpha != "auto":
             try:

@@ -153,9 +153,16 @@ def run_recipe(
         ("int8 static (QDQ)", AutoQuantizationConfig.for_host(), AutoCalibrationConfig.from_method(calibration_method)),
     ]
     if with_int4:
-        variants.append(("int4 weight-only (GPTQ)", WeightOnlyConfig(block_size=32, algorithm="gptq"), None))
+        variants.append(
+            (
+                "int4 weights + int8 compute (W4A8)",
+                AutoQuantizationConfig.for_host(weight_storage_bits=4),
+                AutoCalibrationConfig.from_method(calibration_method),
+            )
+        )
+        variants.append(("int4 weight-only MatMulNBits (GPTQ)", WeightOnlyConfig(block_size=32, algorithm="gptq"), None))
     for i, (name, qconfig, cconfig) in enumerate(variants):
-        out = work / ("int8" if i == 0 else "int4")
+        out = work / ("int8", "w4a8", "int4")[i]
         t0 = time.perf_counter()
         path = quantizer.quantize(
             qconfig,

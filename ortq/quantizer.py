@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -65,6 +66,7 @@ class ORTQuantizer:
         self._smoothing: tuple[float | str, dict[str, Any]] | None = None
         self.last_plan: QuantPlan | None = None
         self._sample_feeds: dict[str, Any] | None = None  # one calibration batch, for placement FLOPs
+        self._calibration_batches: Batches | None = None  # for data-aware weight rounding
         # What loading normalized (opset upgrade, lifted Constant nodes) and the nodes it leaves in float.
         self.preparation: Preparation | None = None
         self.last_report: dict[str, Any] | None = None
@@ -90,7 +92,7 @@ class ORTQuantizer:
     def _ir_model(self) -> ir.Model:
         return ir.from_proto(self.proto)
 
-    def _smooth(self, alpha: float | str, batches: Batches) -> None:
+    def _smooth(self, alpha: float | str, batches: Batches, int4_block: int | None = None) -> None:
         """Apply SmoothQuant to the float model; calibration and quantization then use the smoothed model.
 
         ``alpha="auto"`` picks, per activation, the strength (or none) whose int8 MatMuls best reproduce the
@@ -114,7 +116,9 @@ class ORTQuantizer:
                 if g.activation not in rows:
                     continue
                 weights = [nodes[m].inputs[1].const_value.numpy() for m in g.matmuls]
-                best, errs = search_alpha(rows[g.activation], weights, absmax[g.activation])
+                best, errs = search_alpha(
+                    rows[g.activation], weights, absmax[g.activation], weight_block_size=int4_block
+                )
                 errors[g.activation] = errs
                 if best is not None:
                     chosen[g.activation] = best
@@ -175,7 +179,8 @@ class ORTQuantizer:
             if operators_to_quantize:
                 qconfig = dataclasses.replace(qconfig, operators_to_quantize=tuple(operators_to_quantize))
             if qconfig.smooth_quant_alpha is not None and self._smoothing is None:
-                self._smooth(qconfig.smooth_quant_alpha, batches)
+                int4_block = qconfig.storage_block_size if qconfig.weight_storage_bits == 4 else None
+                self._smooth(qconfig.smooth_quant_alpha, batches, int4_block)
             targets = calibration_targets(self._ir_model(), qconfig)
             if not targets:
                 raise ModelError(
@@ -185,6 +190,8 @@ class ORTQuantizer:
             self._collector = RangeCollector(self.proto, targets, calibration_config, providers=providers)
         if self._sample_feeds is None:
             self._sample_feeds = next(iter(batches), None)
+        if self._calibration_batches is None:
+            self._calibration_batches = batches
         start = time.perf_counter()
         self._collector.collect(batches, total=batches.num_batches, show_progress=show_progress)
         logger.info("calibrated on %s samples in %.1f s", batches.num_samples, time.perf_counter() - start)
@@ -318,17 +325,18 @@ class ORTQuantizer:
                 )
         ranges = {k: _as_range(v) for k, v in ranges.items()}
         model = self._ir_model()
+        int4 = self._int4_storage(model, config, ranges) if config.weight_storage_bits == 4 else None
         plan = make_plan(model, config, ranges)
         if not plan.quantized_nodes:
             raise ModelError(
                 f"{self.model_path}: nothing was quantized; every candidate node stayed in float "
                 f"(e.g. {next(iter(plan.float_nodes.items()), ('-', '-'))[1]})"
             )
-        insert_qdq(model, plan)
+        insert_qdq(model, plan, int4_weights=int4)
         if config.quantize_embeddings:
             from ortq.passes.embeddings import quantize_embedding_gathers
 
-            quantize_embedding_gathers(model, plan)
+            quantize_embedding_gathers(model, plan, bits=config.weight_storage_bits)
         cpu_kernels = None
         if config.tune_cpu_kernels:
             from ortq.passes.cpu_kernels import avoid_slow_skip_layernorm
@@ -343,6 +351,35 @@ class ORTQuantizer:
         if self._collector is not None:
             report["calibration"] = self._collector.state.summary()
         return model, report
+
+    def _int4_storage(self, model: ir.Model, config: QuantizationConfig, ranges: dict[str, TensorRange]):
+        """4-bit codes for the per-channel MatMul weights the plan quantizes (GPTQ on the calibration data
+        when it is at hand); the float weights are replaced by their 4-bit values so that the int8 scales
+        are computed from what the file stores."""
+        from ortq.passes.int4_storage import collect_hessians, int4_weights
+
+        first = make_plan(model, config, ranges)
+        nodes = {n.name: n for n in model.graph}
+        targets: dict[str, str] = {}
+        for name in first.quantized_nodes:
+            node = nodes[name]
+            w = node.inputs[1] if node.op_type == "MatMul" else None
+            qp = first.weights.get(w.name) if w is not None else None
+            if qp is not None and qp.axis == 1 and len(w.const_value.shape) == 2 and w.name not in targets:
+                targets[w.name] = node.inputs[0].name
+        if not targets:
+            return None
+        hessians = None
+        if self._calibration_batches is not None:
+            hessians = collect_hessians(model, targets, self._calibration_batches)
+        values = {v.name: v for v in model.graph.initializers.values()}
+        codes = int4_weights(
+            {w: values[w].const_value.numpy() for w in targets}, block_size=config.storage_block_size, hessians=hessians
+        )
+        for name, bq in codes.items():
+            values[name].const_value = ir.tensor(np.ascontiguousarray(bq.dequantize().T), name=name)
+        logger.info("int4 storage for %d weights (%s)", len(codes), "GPTQ" if hessians else "RTN")
+        return codes
 
     def _placement(self, path: Path) -> dict[str, Any]:
         """Which planned nodes ONNX Runtime's CPU EP really turned into integer kernels, and the int8 share

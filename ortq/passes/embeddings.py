@@ -31,7 +31,8 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
         table, why = gather_table(node)
         if table is None or table.size < MIN_TABLE_ELEMENTS or table.shape[1] % block_size:
             continue
-        bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=True, search=False)
+        # 8 bits: plain symmetric rows are plenty. 4 bits: zero points and a clipping search per block.
+        bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
         name = node.name
         replace_gather(model.graph, node, bq)
         done += 1

@@ -37,12 +37,14 @@ def _axis_attrs(qp: QParams) -> dict[str, int]:
     return {"axis": int(qp.axis)} if qp.axis is not None and qp.scale.size > 1 else {}
 
 
-def insert_qdq(model: ir.Model, plan: QuantPlan) -> ir.Model:
+def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = None) -> ir.Model:
     """Rewrite ``model`` in place according to ``plan`` and return it.
 
     Each planned activation gets one QuantizeLinear -> DequantizeLinear pair right after its producer; the
     planned consumers read the DequantizeLinear output (ONNX Runtime duplicates the DQ per consumer as its
-    fusions need). Each planned weight is replaced by its int8 initializer and a DequantizeLinear.
+    fusions need). Each planned weight is replaced by its int8 initializer and a DequantizeLinear; weights in
+    ``int4_weights`` (name -> :class:`~ortq.passes._int4.BlockQuantized` of the transposed weight) are stored
+    as 4-bit codes instead, unpacked and quantized to int8 by constant subgraphs ONNX Runtime folds at load.
     """
     graph = model.graph
     opset = model.opset_imports.get("", 0)
@@ -78,16 +80,32 @@ def insert_qdq(model: ir.Model, plan: QuantPlan) -> ir.Model:
     for name, qp in plan.weights.items():
         value = values[name]
         w = value.const_value.numpy()
-        q_w = _const(graph, _unique(names, f"{name}_quantized"), quantize_weight(w, qp))
         scale = _const(graph, _unique(names, f"{name}_scale"), qp.scale)
         zp = _const(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
+        if int4_weights and name in int4_weights:
+            from ortq.passes.int4_storage import unpack_nodes
+
+            unpack, w_float = unpack_nodes(graph, _unique(names, name), int4_weights[name])
+            q_node = ir.node(
+                "QuantizeLinear", [w_float, scale, zp], attributes=_axis_attrs(qp), name=_unique(names, f"{name}_int8")
+            )
+            graph.insert_before(graph.node(0), [*unpack, q_node])
+            q_w = q_node.outputs[0]
+            q_w.name = _unique(names, f"{name}_quantized")
+            anchor = q_node
+        else:
+            anchor = None
+            q_w = _const(graph, _unique(names, f"{name}_quantized"), quantize_weight(w, qp))
         dq = ir.node(
             "DequantizeLinear", [q_w, scale, zp], attributes=_axis_attrs(qp), name=_unique(names, f"{name}_DequantizeLinear")
         )
         dq.outputs[0].name = _unique(names, f"{name}_dequantized")
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(w.shape)
-        graph.insert_before(graph.node(0), [dq])
+        if anchor is not None:
+            graph.insert_after(anchor, [dq])
+        else:
+            graph.insert_before(graph.node(0), [dq])
         dq_of[name] = dq.outputs[0]
 
     for node in list(graph):

@@ -179,11 +179,31 @@ def _fake_quant(x: np.ndarray, axis: int | None, symmetric: bool, qmax: int) -> 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def _fake_quant_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """Quantize-dequantize ``w [K, N]`` with asymmetric 4-bit blocks of ``block_size`` along K."""
+    k, n = w.shape
+    pad = (-k) % block_size
+    wp = np.pad(w, ((0, pad), (0, 0)))
+    blocks = wp.reshape(-1, block_size, n)
+    lo = np.minimum(blocks.min(axis=1, keepdims=True), 0.0)
+    hi = np.maximum(blocks.max(axis=1, keepdims=True), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(blocks / scale) + zp, 0, 15)
+    return ((q - zp) * scale).reshape(-1, n)[:k]
+
+
 def search_alpha(
-    rows: np.ndarray, weights: list[np.ndarray], absmax: np.ndarray, alphas: Iterable[float] = ALPHAS
+    rows: np.ndarray,
+    weights: list[np.ndarray],
+    absmax: np.ndarray,
+    alphas: Iterable[float] = ALPHAS,
+    *,
+    weight_block_size: int | None = None,
 ) -> tuple[float | None, dict[str, float]]:
     """The alpha whose smoothed int8 MatMuls best reproduce ``rows @ W`` for every consumer ``W``.
 
+    Weights are simulated as per-channel int8, or as 4-bit blocks of ``weight_block_size`` (int4 storage).
     Returns ``(None, errors)`` when no smoothing is best. Errors are relative squared errors of the
     MatMul outputs, summed over consumers.
     """
@@ -194,7 +214,8 @@ def search_alpha(
     def error(s: np.ndarray | None) -> float:
         x = rows if s is None else rows / s
         w = w_cat if s is None else w_cat * s[:, None]
-        out = _fake_quant(x, None, False, 255) @ _fake_quant(w, 1, True, 127)
+        wq = _fake_quant_blocks(w, weight_block_size) if weight_block_size else _fake_quant(w, 1, True, 127)
+        out = _fake_quant(x, None, False, 255) @ wq
         return float(np.sum((out - ref).astype(np.float64) ** 2)) / denom
 
     errors = {"none": error(None)}

@@ -1,0 +1,92 @@
+"""int4 weight storage for static int8 models (W4A8): the file holds 4-bit block-quantized weights, the
+CPU runs the int8 kernels.
+
+``MatMulNBits`` is the fast path for one token at a time, but for encoders (hundreds of rows per MatMul)
+ONNX Runtime's int8 GEMM is faster than its int4 kernel and than fp32. Here each weight is stored as packed
+4-bit codes with per-block scales and zero points, followed by a small unpacking subgraph of plain ONNX ops
+(BitShift, Sub, Cast, Mul, Reshape, Transpose) and a per-channel ``QuantizeLinear``. Every input of that
+subgraph is a constant, so ONNX Runtime folds it once at session creation into the int8 weight that its
+QDQ fusion turns into ``MatMulIntegerToFloat``: the model is as small as int4 and as fast as int8.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from ortq.passes._int4 import BlockQuantized, pack, quantize_gptq, quantize_rtn
+
+logger = logging.getLogger(__name__)
+
+
+def int4_weights(
+    weights: dict[str, np.ndarray],
+    *,
+    block_size: int,
+    hessians: dict[str, np.ndarray] | None = None,
+) -> dict[str, BlockQuantized]:
+    """4-bit codes of each ``[K, N]`` weight, quantized along K (GPTQ with a Hessian, else RTN)."""
+    out = {}
+    for name, w in weights.items():
+        w_t = np.ascontiguousarray(w.T.astype(np.float32))  # [N, K]: blocks run along K
+        h = (hessians or {}).get(name)
+        if h is not None:
+            out[name] = quantize_gptq(w_t, h, bits=4, block_size=block_size)
+        else:
+            out[name] = quantize_rtn(w_t, bits=4, block_size=block_size)
+    return out
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.val(name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def unpack_nodes(graph: ir.Graph, base: str, bq: BlockQuantized) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing the float ``[K, N]`` weight from ``bq``'s packed codes; returns them and the output."""
+    rows, nb, bs, k = bq.q.shape[0], bq.n_blocks, bq.block_size, bq.k
+    packed = pack(bq.q, 4)  # [N, nb * bs / 2], low nibble first
+    zp = bq.zero_points if bq.zero_points is not None else np.full((rows, nb), 8, np.uint8)
+    c = {
+        "packed": _const(graph, f"{base}_int4", packed),
+        "four": _const(graph, f"{base}_int4_shift", np.array(4, np.uint8)),
+        "axis": _const(graph, f"{base}_int4_axis", np.array([2], np.int64)),
+        "shape3": _const(graph, f"{base}_int4_blocks", np.array([rows, nb, bs], np.int64)),
+        "shape2": _const(graph, f"{base}_int4_rows", np.array([rows, nb * bs], np.int64)),
+        "scales": _const(graph, f"{base}_int4_scales", bq.scales.reshape(rows, nb, 1).astype(np.float32)),
+        "zp": _const(graph, f"{base}_int4_zero_points", zp.reshape(rows, nb, 1).astype(np.float32)),
+    }
+    nodes = []
+
+    def add(op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+        node = ir.node(op, inputs, attrs or None, name=f"{base}_int4_{op}_{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    hi = add("BitShift", [c["packed"], c["four"]], direction="RIGHT")
+    lo = add("Sub", [c["packed"], add("BitShift", [hi, c["four"]], direction="LEFT")])
+    pairs = add("Concat", [add("Unsqueeze", [lo, c["axis"]]), add("Unsqueeze", [hi, c["axis"]])], axis=2)
+    codes = add("Reshape", [add("Cast", [pairs], to=ir.DataType.FLOAT.value), c["shape3"]])
+    w = add("Reshape", [add("Mul", [add("Sub", [codes, c["zp"]]), c["scales"]]), c["shape2"]])
+    if nb * bs != k:
+        starts = _const(graph, f"{base}_int4_start", np.array([0], np.int64))
+        ends = _const(graph, f"{base}_int4_end", np.array([k], np.int64))
+        axes = _const(graph, f"{base}_int4_slice_axis", np.array([1], np.int64))
+        w = add("Slice", [w, starts, ends, axes])
+    w_kn = add("Transpose", [w], perm=[1, 0])
+    return nodes, w_kn
+
+
+def collect_hessians(model: ir.Model, inputs_of: dict[str, str], batches: Iterable) -> dict[str, np.ndarray]:
+    """``X^T X`` of each weight's activation (``inputs_of``: weight name -> activation name)."""
+    from ortq.passes.matmul_nbits import _collect_statistics
+
+    names = sorted(set(inputs_of.values()))
+    stats = _collect_statistics(model, names, batches, need_hessian=True)
+    return {w: stats[a]["xtx"] for w, a in inputs_of.items() if a in stats}
