@@ -189,7 +189,7 @@ def main() -> int:
         rows[name]["latency_ms_median"] = 1e3 * float(np.median(t))
         rows[name]["speedup_vs_fp32"] = fp32_min / min(t)
 
-    header = f"{'model':48s} {'cos mean':>9s} {'cos min':>8s} {'top5':>6s} {'MB':>6s} {'ms':>7s} {'speedup':>8s}"
+    header = f"{'model':56s} {'cos mean':>9s} {'cos min':>8s} {'top5':>6s} {'MB':>6s} {'ms':>7s} {'speedup':>8s}"
     print(
         f"all-MiniLM-L6-v2 static int8 | {len(calib_text)} calibration / {len(held_text)} held-out real sentences"
         f" | batch 16 (padded to longest: {feed['input_ids'].shape[1]} tokens) | {THREADS} threads, warm, "
@@ -199,7 +199,7 @@ def main() -> int:
     print("-" * len(header))
     for name, row in rows.items():
         print(
-            f"{name:48s} {row['cosine_mean']:9.4f} {row['cosine_min']:8.4f} {row['top5_agreement']:6.3f} "
+            f"{name:56s} {row['cosine_mean']:9.4f} {row['cosine_min']:8.4f} {row['top5_agreement']:6.3f} "
             f"{row['size_mb']:6.1f} {row['latency_ms_min']:7.1f} {row['speedup_vs_fp32']:7.2f}x"
         )
     doc = {
