@@ -135,17 +135,20 @@ def sample_cosines(reference: np.ndarray, test: np.ndarray, mask: np.ndarray | N
     mask = _fitting_mask(ref, mask)
     out = []
     for i in range(ref.shape[0]):
-        r = np.asarray(ref[i] if mask is None else ref[i][mask[i]], dtype=np.float64).ravel()
-        t = np.asarray(tst[i] if mask is None else tst[i][mask[i]], dtype=np.float64).ravel()
+        r = np.asarray(ref[i] if mask is None else ref[i][mask[i]], dtype=np.float32).ravel()
+        t = np.asarray(tst[i] if mask is None else tst[i][mask[i]], dtype=np.float32).ravel()
         if r.size == 0:
             continue
-        nr, nt = float(np.linalg.norm(r)), float(np.linalg.norm(t))
-        if nr == 0.0 and nt == 0.0:
+        # float32 products, float64 sums (np.dot would accumulate in float32)
+        rr = float(np.sum(r * r, dtype=np.float64))
+        tt = float(np.sum(t * t, dtype=np.float64))
+        rt = float(np.sum(r * t, dtype=np.float64))
+        if rr == 0.0 and tt == 0.0:
             out.append(1.0)
-        elif nr == 0.0 or nt == 0.0:
+        elif rr == 0.0 or tt == 0.0:
             out.append(0.0)
         else:
-            out.append(float(np.clip(r @ t / (nr * nt), -1.0, 1.0)))
+            out.append(float(np.clip(rt / math.sqrt(rr * tt), -1.0, 1.0)))
     return out
 
 

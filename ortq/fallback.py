@@ -236,7 +236,7 @@ class _Evaluator:
             from ortq.validate import measure_latency
 
             lat = measure_latency(
-                self.reference, sess, _feed(sess, self.batches[0]), warmup_runs=2, runs=self.latency_runs
+                self.reference, sess, _feed(sess, self.batches[0]), warmup_runs=1, runs=self.latency_runs
             )
             latency = lat.get("pairwise_ratio_median")
         ok = self.meets(drop, metric)
@@ -333,7 +333,7 @@ class _Simulator:
             if left <= 0:
                 break
             n = min(left, int(np.shape(next(iter(feed.values())))[0]))
-            out.append(({k: v[:n] for k, v in feed.items()}, {k: v[:n] for k, v in ref.items()}))
+            out.append(_trim_padding({k: v[:n] for k, v in feed.items()}, {k: v[:n] for k, v in ref.items()}))
             left -= n
         return out
 
@@ -355,6 +355,25 @@ class _Simulator:
                 per_output[o].extend(sample_cosines(ref[o], got[o], mask))
         worst = min((float(np.mean(c)) for c in per_output.values() if c), default=1.0)
         return max(0.0, 1.0 - worst)
+
+
+def _trim_padding(
+    feed: dict[str, np.ndarray], ref: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Drop trailing sequence positions that are padding in every row (right-padded text batches), from the
+    feed and the reference outputs laid out ``[batch, seq, ...]``; other batches are returned unchanged."""
+    mask = attention_mask_of(feed)
+    if mask is None or not mask.any():
+        return feed, ref
+    seq = mask.shape[1]
+    length = int(np.flatnonzero(mask.any(axis=0)).max()) + 1
+    if length == seq:
+        return feed, ref
+    if any(np.ndim(v) != 2 or np.shape(v) != mask.shape for v in feed.values()):
+        return feed, ref
+    if any(np.ndim(v) < 2 or np.shape(v)[:2] != mask.shape for v in ref.values()):
+        return feed, ref
+    return {k: v[:, :length] for k, v in feed.items()}, {k: v[:, :length] for k, v in ref.items()}
 
 
 def _growing_sizes(start: int, total: int) -> list[int]:
@@ -383,7 +402,7 @@ def search_fallback(
     max_simulations: int = 8,
     probe_samples: int = 8,
     threads: int = 2,
-    latency_runs: int = 5,
+    latency_runs: int = 3,
     side_files_from: str | os.PathLike | None = None,
     sensitivity: LayerReport | None = None,
 ) -> FallbackResult:
@@ -592,3 +611,138 @@ def _search(ev: _Evaluator, base: Candidate, ranking: list[str], start_k: int, m
         else:
             lo = mid
     return hi_c
+
+
+def split_rows(feeds: Sequence[Mapping[str, np.ndarray]], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Split batches of feeds into (kept, held) by samples: the last ``fraction`` of the samples (at least one
+    row, at most all but one) go to ``held``; batches are cut where the boundary falls."""
+    sizes = [int(np.shape(next(iter(f.values())))[0]) for f in feeds]
+    total = sum(sizes)
+    if total < 2:
+        raise ConfigError("the accuracy budget needs at least 2 calibration samples (some are set aside to check it)")
+    n_held = min(total - 1, max(1, round(total * fraction)))
+    boundary = total - n_held
+    kept, held, seen = [], [], 0
+    for feed, n in zip(feeds, sizes, strict=True):
+        if seen + n <= boundary:
+            kept.append(dict(feed))
+        elif seen >= boundary:
+            held.append(dict(feed))
+        else:
+            cut = boundary - seen
+            kept.append({k: v[:cut] for k, v in feed.items()})
+            held.append({k: v[cut:] for k, v in feed.items()})
+        seen += n
+    return kept, held
+
+
+def quantize_with_budget(
+    quantizer: Any,
+    quantization_config: QuantizationConfig,
+    save_dir: str | os.PathLike,
+    calibration_data: Any,
+    *,
+    calibration_config: Any = None,
+    max_cosine_drop: float | None = None,
+    eval_fn: EvalFn | None = None,
+    min_metric: float | None = None,
+    max_metric_drop: float | None = None,
+    budget_fraction: float = 0.25,
+    error_report: bool = True,
+    report_data: Any = None,
+    overwrite: bool = False,
+    **search_kwargs: Any,
+) -> Path:
+    """Static int8 with the fewest nodes kept in float that meet an accuracy budget; writes the usual output
+    folder (``model.onnx``, ``ortq_config.json``, ``quantization_report.json`` with an ``accuracy_budget``
+    section) and, with ``error_report``, ``layer_report.{json,md,png}`` beside it.
+
+    The last ``budget_fraction`` of the calibration samples is set aside to check the budget and not used to
+    calibrate. The layer report runs on ``report_data`` (e.g. held-out data) when given, else on those
+    set-aside samples.
+
+    Args:
+        quantizer: an :class:`ortq.quantizer.ORTQuantizer`.
+        quantization_config: a static config.
+        save_dir: the output folder.
+        calibration_data: anything :meth:`ORTQuantizer.batches` accepts.
+        calibration_config: the calibration config (default :class:`ortq.config.CalibrationConfig`).
+        max_cosine_drop, eval_fn, min_metric, max_metric_drop: the budget (see :func:`search_fallback`).
+        budget_fraction: share of the calibration samples set aside for the budget, in (0, 1).
+        error_report: also write the per-layer report of the model chosen.
+        report_data: data for the per-layer report.
+        overwrite: replace an existing output folder.
+        search_kwargs: passed to :func:`search_fallback` (``max_evaluations``, ``latency_runs``, ...).
+    """
+    import json
+
+    from ortq.config import CalibrationConfig
+    from ortq.io import write_text_atomic
+    from ortq.quantizer import PLAN_FILENAME
+
+    if not 0.0 < budget_fraction < 1.0:
+        raise ConfigError(f"budget_fraction must be in (0, 1), got {budget_fraction}")
+    if calibration_data is None:
+        raise ConfigError("the accuracy budget needs calibration_data (a share of it checks the budget)")
+    calibration_config = calibration_config or CalibrationConfig()
+    feeds = list(
+        quantizer.batches(
+            calibration_data, batch_size=calibration_config.batch_size, num_samples=calibration_config.num_samples
+        )
+    )
+    calib, budget_batches = split_rows(feeds, budget_fraction)
+    start = time.perf_counter()
+    ranges = quantizer.fit(calib, calibration_config, quantization_config=quantization_config)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = search_fallback(
+        quantizer.proto,
+        quantization_config,
+        ranges,
+        budget_batches,
+        max_cosine_drop=max_cosine_drop,
+        eval_fn=eval_fn,
+        min_metric=min_metric,
+        max_metric_drop=max_metric_drop,
+        side_files_from=quantizer.model_dir,
+        **search_kwargs,
+    )
+    search_s = time.perf_counter() - start
+    if not result.plan.quantized_nodes:
+        raise ConfigError(
+            f"the accuracy budget keeps every node in float (best cosine drop with int8 nodes "
+            f"{min(c.cosine_drop for c in result.candidates):.5f}): nothing left to quantize; loosen the budget"
+        )
+    config = dataclasses.replace(
+        quantization_config,
+        nodes_to_exclude=tuple(quantization_config.nodes_to_exclude) + tuple(result.kept_float),
+    )
+    path = quantizer.quantize(config, save_dir, calibration_tensors_range=ranges, overwrite=overwrite)
+    reasons = {d.name: d.reason for d in result.plan.decisions}
+    report = dict(quantizer.last_report or {})
+    for node in report.get("plan", {}).get("nodes", []):
+        if node["name"] in result.kept_float:
+            node["reason"] = reasons[node["name"]]
+    if quantizer.last_plan is not None:
+        for d in quantizer.last_plan.decisions:
+            if d.name in result.kept_float:
+                d.reason = reasons[d.name]
+    report["accuracy_budget"] = {
+        **result.to_dict(),
+        "calibration_samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in calib),
+        "fit_seconds": round(fit_s, 3),
+        "search_seconds": round(search_s, 3),
+    }
+    out = Path(path).parent
+    if error_report:
+        if report_data is not None:
+            data = list(quantizer.batches(report_data, batch_size=calibration_config.batch_size))
+            where = "report data"
+        else:
+            data, where = budget_batches, "calibration samples set aside for the budget"
+        lr = layer_report(quantizer.proto, path, quantizer.last_plan, data, data=where)
+        lr.save(out)
+        report["layer_report"] = {"most_sensitive": [s.name for s in lr.most_sensitive()], "data": where}
+    write_text_atomic(out / PLAN_FILENAME, json.dumps(report, indent=2, default=str) + "\n")
+    quantizer.last_report = report
+    return path
