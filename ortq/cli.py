@@ -145,9 +145,25 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             args.method, num_samples=args.num_samples, batch_size=args.batch_size
         )
         data = args.calibration_data or _default_calibration_data(Path(args.input), args.num_samples)
+        report_data = None
+        if (args.error_report or args.max_cosine_drop is not None) and not args.calibration_data:
+            from ortq.data import real_text
+
+            report_data = real_text("heldout", 64)
         path = quantizer.quantize(
-            config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite
+            config,
+            args.output,
+            calibration_data=data,
+            calibration_config=calib,
+            overwrite=args.overwrite,
+            max_cosine_drop=args.max_cosine_drop,
+            error_report=args.error_report,
+            report_data=report_data,
         )
+        budget = (quantizer.last_report or {}).get("accuracy_budget")
+        if budget:
+            kept = budget.get("kept_float") or []
+            print(f"accuracy budget met: {budget.get('met')}; {len(kept)} node(s) kept in float: {', '.join(kept)}")
     report = quantizer.last_report or {}
     plan = report.get("plan", {})
     if plan:
@@ -245,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operators", help="comma-separated op types to quantize (default MatMul,Gemm,Conv)")
     p.add_argument("--exclude", action="append", metavar="NODE", help="node name or glob kept in float")
     p.add_argument("--smooth-quant", type=_float, metavar="ALPHA", help="SmoothQuant strength in [0, 1]")
+    p.add_argument(
+        "--max-cosine-drop",
+        type=_float,
+        metavar="DROP",
+        help="accuracy budget: keep the fewest nodes in float so that 1 - cosine to fp32 <= DROP",
+    )
+    p.add_argument("--error-report", action="store_true", help="write layer_report.{json,md,png} (per-layer error)")
     p.add_argument("--weight-only", choices=["int4", "int8"], help="weight-only MatMulNBits instead of QDQ")
     p.add_argument(
         "--int4-weights",

@@ -244,12 +244,24 @@ class ORTQuantizer:
         calibration_config: CalibrationConfig | None = None,
         overwrite: bool = False,
         file_name: str = MODEL_FILENAME,
+        max_cosine_drop: float | None = None,
+        eval_fn: Any = None,
+        min_metric: float | None = None,
+        max_metric_drop: float | None = None,
+        error_report: bool = False,
+        report_data: Any = None,
     ) -> Path:
         """Quantize and write ``save_dir/model.onnx`` with the config used and the tokenizer files.
 
         Both argument orders work: Optimum's ``quantize(quantization_config, save_dir)`` and
         ``quantize(save_dir, quantization_config)``. Static configs need ranges: from
         ``calibration_tensors_range``, from an earlier ``fit``, or by calibrating on ``calibration_data``.
+
+        An accuracy budget (``max_cosine_drop``, or ``eval_fn(model_path) -> float`` with ``min_metric`` /
+        ``max_metric_drop``) keeps the fewest nodes in float that meet it (:mod:`ortq.fallback`; needs
+        ``calibration_data``, a quarter of which is set aside to check the budget). ``error_report`` writes
+        the per-layer error report (``layer_report.{json,md,png}``) beside the model, on ``report_data`` or
+        the calibration data.
         """
         if isinstance(quantization_config, (str, os.PathLike)) and not isinstance(save_dir, (str, os.PathLike)):
             quantization_config, save_dir = save_dir, quantization_config
@@ -259,6 +271,28 @@ class ORTQuantizer:
             quantization_config = AutoQuantizationConfig.for_host()
         if not isinstance(quantization_config, (QuantizationConfig, WeightOnlyConfig)):
             raise ConfigError(f"unsupported quantization config {type(quantization_config).__name__}")
+        budget = max_cosine_drop is not None or eval_fn is not None
+        if budget:
+            if not isinstance(quantization_config, QuantizationConfig):
+                raise ConfigError("an accuracy budget applies to static int8 quantization only")
+            if calibration_data is None:
+                raise CalibrationDataError("an accuracy budget needs calibration_data (a quarter checks the budget)")
+            from ortq.fallback import quantize_with_budget
+
+            return quantize_with_budget(
+                self,
+                quantization_config,
+                save_dir,
+                calibration_data,
+                calibration_config=calibration_config,
+                max_cosine_drop=max_cosine_drop,
+                eval_fn=eval_fn,
+                min_metric=min_metric,
+                max_metric_drop=max_metric_drop,
+                error_report=True,
+                report_data=report_data,
+                overwrite=overwrite,
+            )
         out = check_output_dir(save_dir, inputs=(self.model_path,), overwrite=overwrite)
 
         if isinstance(quantization_config, WeightOnlyConfig):
@@ -289,7 +323,20 @@ class ORTQuantizer:
             write_text_atomic(tmp / PLAN_FILENAME, json.dumps(report, indent=2, default=str) + "\n")
         self.last_report = report
         logger.info("wrote %s", out / file_name)
+        if error_report and isinstance(quantization_config, QuantizationConfig) and self.last_plan is not None:
+            self._write_layer_report(out / file_name, report_data if report_data is not None else calibration_data)
         return out / file_name
+
+    def _write_layer_report(self, path: Path, data: Any) -> None:
+        """Per-layer local / cumulative error and clip rates, saved beside the model."""
+        from ortq.analysis import layer_report
+
+        if data is None and self._calibration_batches is None:
+            logger.warning("no data for the per-layer error report")
+            return
+        batches = list(self.batches(data, num_samples=64)) if data is not None else list(self._calibration_batches)
+        report = layer_report(self.proto, path, self.last_plan, batches[:4])
+        report.save(path.parent)
 
     def _static(
         self,

@@ -55,3 +55,20 @@ def test_usage_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
     assert exc.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_accuracy_budget_and_error_report(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "budget"
+    code = main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out), "--max-cosine-drop", "0.001", "--num-samples", "64"])
+    assert code == 0
+    report = json.loads((out / "quantization_report.json").read_text())
+    budget = report["accuracy_budget"]
+    assert budget["met"] is True
+    for name in budget["kept_float"]:
+        node = next(n for n in report["plan"]["nodes"] if n["name"] == name)
+        assert "accuracy budget" in node["reason"]
+    assert "accuracy budget met: True" in capsys.readouterr().out
+    out2 = tmp_path / "report"
+    assert main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out2), "--error-report", "--num-samples", "32"]) == 0
+    layers = json.loads((out2 / "layer_report.json").read_text())
+    assert layers and (out2 / "layer_report.md").exists()
