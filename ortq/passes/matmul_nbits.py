@@ -124,6 +124,9 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
             if w.shape[0] < 16:
                 skipped[name] = f"K={w.shape[0]} < 16"
                 continue
+            if not np.isfinite(w).all():
+                skipped[name] = "weight holds NaN or infinite values"
+                continue
             site = _MatMulSite(node=node, weight=node.inputs[1], w=w)
             site.bias_add, site.bias = _bias_add(node, w.shape[1])
             sites.append(site)
@@ -135,6 +138,9 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
                 continue
             if _matches(name, config.nodes_to_exclude):
                 skipped[name] = "excluded by nodes_to_exclude"
+                continue
+            if not np.isfinite(table).all():
+                skipped[name] = "embedding table holds NaN or infinite values"
                 continue
             if table.size < MIN_EMBEDDING_ELEMENTS:
                 skipped[name] = (
