@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import quantize_rtn
@@ -30,6 +31,8 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
             continue
         table, why = gather_table(node)
         if table is None or table.size < MIN_TABLE_ELEMENTS or table.shape[1] % block_size:
+            continue
+        if not np.isfinite(table).all():
             continue
         # 8 bits: plain symmetric rows are plenty. 4 bits: zero points and a clipping search per block.
         bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
