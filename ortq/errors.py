@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class OrtqError(Exception):
     """Base class of every error ortq raises on purpose. Messages are one line and say what to do."""
@@ -43,6 +45,21 @@ class Interrupted(OrtqError):
     """The run was interrupted (SIGINT / SIGTERM); nothing was written."""
 
     exit_code = 130
+
+
+_ORT_PREFIX = re.compile(
+    r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*"  # [ONNXRuntimeError] : 1 : FAIL :
+    r"(?:\S+\.(?:cc|h|cpp|cu):\d+\s+)?"  # /onnxruntime_src/.../model.cc:256
+    r"(?:[\w:~<>]+\([^)]*\)\s+)?"  # onnxruntime::Model::Model(...)
+)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, without ONNX Runtime's ``[ONNXRuntimeError] : N : FAIL :
+    file.cc:123 signature`` prefix, cut to ``limit`` characters: what a one-line error can carry."""
+    text = str(exc).strip() or type(exc).__name__
+    line = _ORT_PREFIX.sub("", text.splitlines()[0]).strip() or text.splitlines()[0]
+    return line[:limit]
 
 
 def require(module: str, extra: str):

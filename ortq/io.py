@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from ortq.errors import ModelError, OutputError
+from ortq.errors import ModelError, OutputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             raise ModelError(
                 f"{p}: external data file {missing!r} is missing; keep it next to the model it belongs to"
             ) from exc
-        raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from exc
     if not model.graph.node:
         raise ModelError(f"{p}: the ONNX graph has no nodes")
     try:
         onnx.checker.check_model(model if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD else str(p))
     except Exception as exc:
-        raise ModelError(f"{p}: invalid ONNX model ({_first_line(exc)})") from exc
+        raise ModelError(f"{p}: invalid ONNX model ({first_line(exc)})") from exc
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise ModelError(
@@ -91,9 +91,6 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ortq.calibrators.base import SENTINEL_ABS, Observer, TensorRange, make_observer, observer_class
 from ortq.config import CalibrationConfig, CalibrationMethod
-from ortq.errors import CalibrationDataError, ModelError
+from ortq.errors import CalibrationDataError, ModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class RangeCollector:
                 self._session = ort.InferenceSession(str(path), so, providers=self._providers)
             except Exception as exc:
                 raise ModelError(
-                    f"onnxruntime could not load the model for calibration: {_first_line(exc)}"
+                    f"onnxruntime could not load the model for calibration: {first_line(exc)}"
                 ) from exc
             finally:
                 if not external or self._session is None:
@@ -355,7 +355,7 @@ class RangeCollector:
                     outs = session.run(fetch, feeds)
                 except Exception as exc:
                     raise CalibrationDataError(
-                        f"onnxruntime failed on a calibration batch: {_first_line(exc)}"
+                        f"onnxruntime failed on a calibration batch: {first_line(exc)}"
                     ) from exc
                 self._fold(dict(zip(fetch, outs)), mask)
                 n = len(next(iter(feeds.values()))) if feeds else 0
@@ -425,6 +425,3 @@ def _row_mask(
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

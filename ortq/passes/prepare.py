@@ -20,7 +20,8 @@ from typing import Any
 
 import onnx
 
-from ortq.errors import ModelError
+from ortq.errors import ModelError, first_line
+from ortq.io import default_opset
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,8 @@ class Preparation:
         }
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _iter_nodes(graph: onnx.GraphProto):
@@ -233,7 +226,7 @@ def _upgrade_opset(model: onnx.ModelProto, source: str, opset: int) -> onnx.Mode
     except Exception as exc:  # the converter raises RuntimeError / ConvertError / ValueError
         raise ModelError(
             f"{source}: opset {opset} could not be upgraded to {TARGET_OPSET} for QDQ quantization "
-            f"({_first_line(exc)}); re-export the model with opset >= {TARGET_OPSET}"
+            f"({first_line(exc)}); re-export the model with opset >= {TARGET_OPSET}"
         ) from exc
     min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
     if converted.ir_version < min_ir:
@@ -242,7 +235,7 @@ def _upgrade_opset(model: onnx.ModelProto, source: str, opset: int) -> onnx.Mode
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise ModelError(
-            f"{source}: upgrading opset {opset} to {TARGET_OPSET} gave an invalid model ({_first_line(exc)}); "
+            f"{source}: upgrading opset {opset} to {TARGET_OPSET} gave an invalid model ({first_line(exc)}); "
             f"re-export the model with opset >= {TARGET_OPSET}"
         ) from exc
     logger.info("%s: opset upgraded from %d to %d", source, opset, TARGET_OPSET)
@@ -262,7 +255,7 @@ def _lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(ir_model)
         lifted = ir.to_proto(ir_model)
     except Exception as exc:
-        raise ModelError(f"cannot lift Constant nodes to initializers ({_first_line(exc)})") from exc
+        raise ModelError(f"cannot lift Constant nodes to initializers ({first_line(exc)})") from exc
     after = sum(1 for n in _iter_nodes(lifted.graph) if n.op_type == "Constant" and _is_default_domain(n))
     return lifted, before - after
 
@@ -303,7 +296,7 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False), True
     except Exception as exc:  # inference is a help, not a requirement: ONNX Runtime has the last word
-        logger.debug("shape inference failed: %s", _first_line(exc))
+        logger.debug("shape inference failed: %s", first_line(exc))
         return model, False
 
 
@@ -330,12 +323,12 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
     _check_readable(model, source)
     if not model.graph.output:
         raise ModelError(f"{source}: the graph has no outputs")
-    opset = _default_opset(model)
+    opset = default_opset(model)
     _check_opset_supported(opset, source)
     prep = Preparation(source_opset=opset, opset=opset)
     if 0 < opset < TARGET_OPSET:
         model = _upgrade_opset(model, source, opset)
-        prep.opset = _default_opset(model)
+        prep.opset = default_opset(model)
     model, prep.initializer_inputs = _initializers_out_of_inputs(model)
     if prep.initializer_inputs:
         logger.info("%s: %d initializers removed from the graph inputs", source, prep.initializer_inputs)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ortq.errors import CalibrationDataError, ModelError
+from ortq.errors import CalibrationDataError, ModelError, first_line
 from ortq.passes.plan import ensure_node_names
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def channel_absmax(
         try:
             sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime rejects the model: a user-facing error, not a crash
-            raise ModelError(f"onnxruntime could not load the model for SmoothQuant: {_first_line(exc)}") from exc
+            raise ModelError(f"onnxruntime could not load the model for SmoothQuant: {first_line(exc)}") from exc
         input_names = {i.name for i in sess.get_inputs()}
         for feeds in batches:
             feeds = {k: v for k, v in feeds.items() if k in input_names}
@@ -140,7 +140,7 @@ def channel_absmax(
                 values = sess.run(fetch, feeds)
             except Exception as exc:
                 raise CalibrationDataError(
-                    f"onnxruntime failed on a calibration batch: {_first_line(exc)}"
+                    f"onnxruntime failed on a calibration batch: {first_line(exc)}"
                 ) from exc
             for name, value in zip(activations, values[: len(activations)]):
                 value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -309,6 +309,3 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, su
         del graph.initializers[old.name]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
