@@ -206,6 +206,8 @@ class ORTQuantizer:
         """Calibrate on ``dataset`` from scratch and return the ranges (Optimum's ``fit``)."""
         self._collector = None
         self._calibration_config = None
+        self._calibration_batches = None
+        self._sample_feeds = None
         if self._smoothing is not None:  # start again from the model as loaded
             self._proto = None
             self._smoothing = None
