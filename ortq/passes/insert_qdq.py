@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 MIN_QDQ_OPSET = 13
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a typed, shaped initializer called ``name`` and return its value."""
     value = ir.val(name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
@@ -60,8 +61,8 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
 
     for name, qp in plan.activations.items():
         value = values[name]
-        scale = _const(graph, _unique(names, f"{name}_scale"), qp.scale)
-        zp = _const(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
+        scale = add_initializer(graph, _unique(names, f"{name}_scale"), qp.scale)
+        zp = add_initializer(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
         q = ir.node("QuantizeLinear", [value, scale, zp], name=_unique(names, f"{name}_QuantizeLinear"))
         q.outputs[0].name = _unique(names, f"{name}_quantized")
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=_unique(names, f"{name}_DequantizeLinear"))
@@ -80,8 +81,8 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
     for name, qp in plan.weights.items():
         value = values[name]
         w = value.const_value.numpy()
-        scale = _const(graph, _unique(names, f"{name}_scale"), qp.scale)
-        zp = _const(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
+        scale = add_initializer(graph, _unique(names, f"{name}_scale"), qp.scale)
+        zp = add_initializer(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
         if int4_weights and name in int4_weights:
             from ortq.passes.int4_storage import unpack_nodes
 
@@ -95,7 +96,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             anchor = q_node
         else:
             anchor = None
-            q_w = _const(graph, _unique(names, f"{name}_quantized"), quantize_weight(w, qp))
+            q_w = add_initializer(graph, _unique(names, f"{name}_quantized"), quantize_weight(w, qp))
         dq = ir.node(
             "DequantizeLinear", [q_w, scale, zp], attributes=_axis_attrs(qp), name=_unique(names, f"{name}_DequantizeLinear")
         )

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import BlockQuantized, pack, quantize_gptq, quantize_rtn
+from ortq.passes.insert_qdq import add_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -40,27 +41,19 @@ def int4_weights(
     return out
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
-
-
 def unpack_nodes(graph: ir.Graph, base: str, bq: BlockQuantized) -> tuple[list[ir.Node], ir.Value]:
     """Nodes computing the float ``[K, N]`` weight from ``bq``'s packed codes; returns them and the output."""
     rows, nb, bs, k = bq.q.shape[0], bq.n_blocks, bq.block_size, bq.k
     packed = pack(bq.q, 4)  # [N, nb * bs / 2], low nibble first
     zp = bq.zero_points if bq.zero_points is not None else np.full((rows, nb), 8, np.uint8)
     c = {
-        "packed": _const(graph, f"{base}_int4", packed),
-        "four": _const(graph, f"{base}_int4_shift", np.array(4, np.uint8)),
-        "axis": _const(graph, f"{base}_int4_axis", np.array([2], np.int64)),
-        "shape3": _const(graph, f"{base}_int4_blocks", np.array([rows, nb, bs], np.int64)),
-        "shape2": _const(graph, f"{base}_int4_rows", np.array([rows, nb * bs], np.int64)),
-        "scales": _const(graph, f"{base}_int4_scales", bq.scales.reshape(rows, nb, 1).astype(np.float32)),
-        "zp": _const(graph, f"{base}_int4_zero_points", zp.reshape(rows, nb, 1).astype(np.float32)),
+        "packed": add_initializer(graph, f"{base}_int4", packed),
+        "four": add_initializer(graph, f"{base}_int4_shift", np.array(4, np.uint8)),
+        "axis": add_initializer(graph, f"{base}_int4_axis", np.array([2], np.int64)),
+        "shape3": add_initializer(graph, f"{base}_int4_blocks", np.array([rows, nb, bs], np.int64)),
+        "shape2": add_initializer(graph, f"{base}_int4_rows", np.array([rows, nb * bs], np.int64)),
+        "scales": add_initializer(graph, f"{base}_int4_scales", bq.scales.reshape(rows, nb, 1).astype(np.float32)),
+        "zp": add_initializer(graph, f"{base}_int4_zero_points", zp.reshape(rows, nb, 1).astype(np.float32)),
     }
     nodes = []
 
@@ -75,9 +68,9 @@ def unpack_nodes(graph: ir.Graph, base: str, bq: BlockQuantized) -> tuple[list[i
     codes = add("Reshape", [add("Cast", [pairs], to=ir.DataType.FLOAT.value), c["shape3"]])
     w = add("Reshape", [add("Mul", [add("Sub", [codes, c["zp"]]), c["scales"]]), c["shape2"]])
     if nb * bs != k:
-        starts = _const(graph, f"{base}_int4_start", np.array([0], np.int64))
-        ends = _const(graph, f"{base}_int4_end", np.array([k], np.int64))
-        axes = _const(graph, f"{base}_int4_slice_axis", np.array([1], np.int64))
+        starts = add_initializer(graph, f"{base}_int4_start", np.array([0], np.int64))
+        ends = add_initializer(graph, f"{base}_int4_end", np.array([k], np.int64))
+        axes = add_initializer(graph, f"{base}_int4_slice_axis", np.array([1], np.int64))
         w = add("Slice", [w, starts, ends, axes])
     w_kn = add("Transpose", [w], perm=[1, 0])
     return nodes, w_kn

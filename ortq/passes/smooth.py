@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from ortq.errors import CalibrationDataError, ModelError, first_line
+from ortq.passes.insert_qdq import add_initializer
 from ortq.passes.plan import ensure_node_names
 
 logger = logging.getLogger(__name__)
@@ -271,10 +272,7 @@ def apply_smoothing(
                     _set_const(model.graph, ln, idx, (p / s).astype(p.dtype), suffix="smoothed")
         else:
             x = matmuls[0].inputs[0]
-            inv = ir.val(f"{group.activation}_smooth_inv", const_value=ir.tensor(1.0 / s, name=f"{group.activation}_smooth_inv"))
-            inv.shape = ir.Shape(s.shape)
-            inv.dtype = ir.DataType.FLOAT
-            model.graph.register_initializer(inv)
+            inv = add_initializer(model.graph, f"{group.activation}_smooth_inv", (1.0 / s).astype(np.float32))
             mul = ir.node("Mul", [x, inv], name=f"{group.activation}_SmoothQuant_Mul")
             mul.outputs[0].name = f"{group.activation}_smoothed"
             if x.dtype is not None:
@@ -300,11 +298,7 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, su
     while name in graph.initializers:
         name = f"{old.name}_{suffix}_{i}"
         i += 1
-    value = ir.val(name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
+    node.replace_input_with(index, add_initializer(graph, name, array))
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         del graph.initializers[old.name]
 
