@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import quantize_rtn
-from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather
+from ortq.passes.gather_quant import MS_DOMAIN, drop_unused_initializers, gather_table, replace_gather
 from ortq.passes.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ MIN_TABLE_ELEMENTS = 65_536
 def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 8, block_size: int = 32) -> int:
     """Replace large constant embedding Gathers in place; record the decisions in ``plan``. Returns the count."""
     decisions = {d.name: d for d in plan.decisions}
+    tables: list[ir.Value] = []
     done = 0
     for node in list(model.graph):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
@@ -37,6 +38,7 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
         # 8 bits: plain symmetric rows are plenty. 4 bits: zero points and a clipping search per block.
         bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
         name = node.name
+        tables.append(node.inputs[0])
         replace_gather(model.graph, node, bq)
         done += 1
         if name in decisions:
@@ -47,8 +49,5 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
             )
     if done:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        for name in list(model.graph.initializers):
-            init = model.graph.initializers[name]
-            if not init.uses() and not init.is_graph_output():
-                del model.graph.initializers[name]
+        drop_unused_initializers(model.graph, tables)
     return done
