@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILENAME = "model.onnx"
 # Protobuf cannot serialize a single message over 2 GiB; above this, weights go to an external data file.
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MIN_OPSET = 10
 
 
@@ -56,7 +57,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     if not model.graph.node:
         raise ModelError(f"{p}: the ONNX graph has no nodes")
     try:
-        onnx.checker.check_model(model if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD else str(p))
+        onnx.checker.check_model(str(p) if needs_external_data(model) else model)
     except Exception as exc:
         raise ModelError(f"{p}: invalid ONNX model ({first_line(exc)})") from exc
     opset = default_opset(model)
@@ -93,10 +94,35 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 
+def tensor_bytes(model: onnx.ModelProto | Any) -> int:
+    """Bytes of a model's initializers held in memory (``onnx.ModelProto`` or ``onnx_ir.Model``), without
+    serializing it: a cheap lower bound of its protobuf size. Tensors already stored externally count 0."""
+    if isinstance(model, onnx.ModelProto):
+        total = 0
+        for t in model.graph.initializer:
+            total += (
+                len(t.raw_data)
+                + 4 * (len(t.float_data) + len(t.int32_data))
+                + 8 * (len(t.int64_data) + len(t.double_data))
+            )
+        return total
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def needs_external_data(model: onnx.ModelProto | Any) -> bool:
+    """Whether ``model`` is too large to pass through one protobuf message (save or hand over as bytes)."""
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one protobuf."""
     p = Path(path)
-    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+    if needs_external_data(model):
         onnx.save_model(
             model, str(p), save_as_external_data=True, all_tensors_to_one_file=True, location=p.name + ".data"
         )

@@ -1,0 +1,116 @@
+"""One task vocabulary for export, recipes and validation.
+
+A task says which transformers head a model is exported with, what its graph takes and gives, and how a
+quantized model is judged against its reference:
+
+========================  ===========================================  ==================================
+task                      exported as                                  judged by
+========================  ===========================================  ==================================
+``feature-extraction``    ``AutoModel`` -> ``last_hidden_state``       sentence-embedding cosine, top-k
+                                                                       neighbour agreement
+``text-classification``   ``AutoModelForSequenceClassification``       argmax agreement
+                          -> ``logits``
+``causal-lm``             ``AutoModelForCausalLM`` -> ``logits``       perplexity, next-token agreement
+========================  ===========================================  ==================================
+
+Older names are accepted as aliases (``embeddings``, ``classification``, ``text-generation``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ortq.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a task means to each stage of the pipeline."""
+
+    name: str
+    auto_class: str  # the transformers class that loads the model with its head
+    output: str  # the graph output the task is judged on
+    inputs: tuple[str, ...]  # graph inputs in Optimum's order; each kept only when forward() takes it
+    architecture_suffix: str | None  # ``config.architectures`` entries ending so belong to this task
+
+
+TASK_SPECS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "feature-extraction",
+            "AutoModel",
+            "last_hidden_state",
+            ("input_ids", "attention_mask", "token_type_ids"),
+            None,
+        ),
+        Task(
+            "text-classification",
+            "AutoModelForSequenceClassification",
+            "logits",
+            ("input_ids", "attention_mask", "token_type_ids"),
+            "ForSequenceClassification",
+        ),
+        Task(
+            "causal-lm",
+            "AutoModelForCausalLM",
+            "logits",
+            ("input_ids", "attention_mask", "position_ids"),
+            "ForCausalLM",
+        ),
+    )
+}
+TASKS = tuple(TASK_SPECS)
+ALIASES = {
+    "embeddings": "feature-extraction",
+    "classification": "text-classification",
+    "sequence-classification": "text-classification",
+    "text-generation": "causal-lm",
+}
+
+
+def normalize_task(name: str, *, where: str = "") -> str:
+    """The canonical name of ``name`` (an alias is accepted); an unknown task is a :class:`ConfigError`."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in TASK_SPECS:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return key
+
+
+def task_from_config(config: Any) -> str:
+    """The task of a transformers config, from ``config.architectures``.
+
+    ``...ForSequenceClassification`` -> text-classification, ``...ForCausalLM`` -> causal-lm, anything else
+    -> feature-extraction.
+    """
+    for arch in getattr(config, "architectures", None) or ():
+        for task in TASK_SPECS.values():
+            if task.architecture_suffix and arch.endswith(task.architecture_suffix):
+                return task.name
+    return "feature-extraction"
+
+
+def task_from_outputs(
+    output_names: Sequence[str], output_shapes: Sequence[tuple[int, ...]], feed_names: Iterable[str]
+) -> tuple[str | None, str | None]:
+    """Guess the task of an ONNX graph from its primary (first float) output: ``(task, output name)``, or
+    ``(None, None)`` when the output says nothing."""
+    feeds = set(feed_names)
+    for name, shape in zip(output_names, output_shapes, strict=True):
+        lname = name.lower()
+        rank = len(shape)
+        if "logits" in lname:
+            if rank == 2:
+                return "text-classification", name
+            if rank == 3 and "input_ids" in feeds:
+                return "causal-lm", name
+        if rank == 3 and ("hidden" in lname or "token_embeddings" in lname) and "attention_mask" in feeds:
+            return "feature-extraction", name
+        if rank == 2 and any(s in lname for s in ("embedding", "pooler", "sentence")):
+            return "feature-extraction", name
+        break  # only the primary output decides
+    return None, None
