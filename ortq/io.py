@@ -238,3 +238,14 @@ def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
             shutil.copy2(f, dst_dir / name)
             copied.append(name)
     return copied
+
+
+# Files any of which lets transformers' AutoTokenizer load a tokenizer from a folder.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether the folder of ``path`` (a folder, or a file inside one) holds tokenizer files."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    return any((folder / name).is_file() for name in _TOKENIZER_MARKERS)
