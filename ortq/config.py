@@ -208,10 +208,6 @@ class QuantizationConfig:
                 raise ConfigError(f"smooth_quant_alpha must be 'auto' or a number in [0, 1], got {alpha!r}")
 
     @property
-    def is_static(self) -> bool:
-        return True
-
-    @property
     def per_channel(self) -> bool:
         return isinstance(self.weights_granularity, PerChannel)
 
@@ -234,7 +230,6 @@ class QuantizationConfig:
 class WeightOnlyAlgorithm(str, enum.Enum):
     RTN = "rtn"
     GPTQ = "gptq"
-    AWQ = "awq"
 
 
 @dataclass(frozen=True)
@@ -284,8 +279,6 @@ class WeightOnlyConfig:
         b8 = self.int8_block_size
         if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
             raise ConfigError(f"int8_block_size must be a power of two >= 16, got {b8!r}")
-        if self.algorithm == WeightOnlyAlgorithm.AWQ:
-            raise ConfigError("weight-only algorithm 'awq' is not available; use 'gptq' (data-aware) or 'rtn'")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -313,94 +306,80 @@ def config_from_dict(data: dict[str, Any]) -> AnyQuantizationConfig:
     raise ConfigError(f"unknown quantization config kind {kind!r}")
 
 
-def _static_only(is_static: bool, preset: str) -> None:
+# The named presets as a table: the defaults each preset gives a :class:`QuantizationConfig` (a caller's
+# keyword arguments win). CPU presets: u8 activations / s8 weights, SmoothQuant searched per activation,
+# 8-bit embedding tables, no fused kernels that measure slower here. GPU presets: s8s8 symmetric QDQ, attention
+# MatMuls of two activations quantized too.
+_CPU = {"smooth_quant_alpha": "auto", "quantize_embeddings": True, "tune_cpu_kernels": True}
+_GPU = {
+    "smooth_quant_alpha": "auto",
+    "activations_dtype": QuantType.QInt8,
+    "activations_symmetric": True,
+    "quantize_activation_matmuls": True,
+}
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # x86 with AVX2 (no VNNI): 7-bit weights against the saturation of vpmaddubsw's u8 x s8 pairs.
+    "avx2": {**_CPU, "reduce_range": True},
+    # AVX512 without VNNI: the same saturation hazard as AVX2.
+    "avx512": {**_CPU, "reduce_range": True},
+    # x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8.
+    "avx512_vnni": dict(_CPU),
+    # ARM64 (NEON / dot product): u8 activations, s8 weights.
+    "arm64": dict(_CPU),
+    "tensorrt": dict(_GPU),
+    "cuda": dict(_GPU),
+}
+
+
+def preset_config(name: str, *, is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
+    """The :class:`QuantizationConfig` of preset ``name`` with ``kwargs`` overriding its defaults."""
+    if name not in PRESET_DEFAULTS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: auto, {', '.join(PRESET_DEFAULTS)}")
     if not is_static:
         raise ConfigError(
-            f"{preset}: dynamic quantization is not offered; use is_static=True (calibrated QDQ int8) "
+            f"{name}: dynamic quantization is not offered; use is_static=True (calibrated QDQ int8) "
             "or WeightOnlyConfig for weight-only int4"
         )
+    params = {**PRESET_DEFAULTS[name], **kwargs}
+    params.setdefault("weights_granularity", PerChannel() if per_channel else PerTensor())
+    return QuantizationConfig(preset=name, **params)
 
 
 class AutoQuantizationConfig:
-    """Named presets, with Optimum's names. Each returns a :class:`QuantizationConfig`."""
+    """Named presets with Optimum's names (see :data:`PRESET_DEFAULTS`); each returns a
+    :class:`QuantizationConfig`, keyword arguments override the preset's defaults."""
+
+    PRESETS = tuple(PRESET_DEFAULTS)
 
     @staticmethod
-    def avx2(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
-        """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights against vpmaddubsw saturation."""
-        _static_only(is_static, "avx2")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        kwargs.setdefault("quantize_embeddings", True)
-        kwargs.setdefault("tune_cpu_kernels", True)
-        return QuantizationConfig(
-            weights_granularity=PerChannel() if per_channel else PerTensor(),
-            reduce_range=reduce_range,
-            preset="avx2",
-            **kwargs,
-        )
+    def avx2(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
+        """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights (``reduce_range``)."""
+        return preset_config("avx2", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
-    def avx512(is_static: bool = True, per_channel: bool = True, reduce_range: bool = True, **kwargs: Any):
-        """AVX512 without VNNI: same saturation hazard as AVX2."""
-        _static_only(is_static, "avx512")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        kwargs.setdefault("quantize_embeddings", True)
-        kwargs.setdefault("tune_cpu_kernels", True)
-        return QuantizationConfig(
-            weights_granularity=PerChannel() if per_channel else PerTensor(),
-            reduce_range=reduce_range,
-            preset="avx512",
-            **kwargs,
-        )
+    def avx512(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
+        """AVX512 without VNNI: as AVX2."""
+        return preset_config("avx512", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
-    def avx512_vnni(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+    def avx512_vnni(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
         """x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8."""
-        _static_only(is_static, "avx512_vnni")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        kwargs.setdefault("quantize_embeddings", True)
-        kwargs.setdefault("tune_cpu_kernels", True)
-        return QuantizationConfig(
-            weights_granularity=PerChannel() if per_channel else PerTensor(), preset="avx512_vnni", **kwargs
-        )
+        return preset_config("avx512_vnni", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
-    def arm64(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+    def arm64(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
         """ARM64 (NEON / dot product): u8 activations, s8 weights."""
-        _static_only(is_static, "arm64")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        kwargs.setdefault("quantize_embeddings", True)
-        kwargs.setdefault("tune_cpu_kernels", True)
-        return QuantizationConfig(
-            weights_granularity=PerChannel() if per_channel else PerTensor(), preset="arm64", **kwargs
-        )
+        return preset_config("arm64", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
-    def tensorrt(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+    def tensorrt(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
         """TensorRT: s8s8, symmetric activations and weights."""
-        _static_only(is_static, "tensorrt")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        return QuantizationConfig(
-            activations_dtype=QuantType.QInt8,
-            activations_symmetric=True,
-            weights_granularity=PerChannel() if per_channel else PerTensor(),
-            quantize_activation_matmuls=kwargs.pop("quantize_activation_matmuls", True),
-            preset="tensorrt",
-            **kwargs,
-        )
+        return preset_config("tensorrt", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
-    def cuda(is_static: bool = True, per_channel: bool = True, **kwargs: Any):
+    def cuda(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
         """CUDA EP: s8s8 symmetric QDQ."""
-        _static_only(is_static, "cuda")
-        kwargs.setdefault("smooth_quant_alpha", "auto")
-        return QuantizationConfig(
-            activations_dtype=QuantType.QInt8,
-            activations_symmetric=True,
-            weights_granularity=PerChannel() if per_channel else PerTensor(),
-            quantize_activation_matmuls=kwargs.pop("quantize_activation_matmuls", True),
-            preset="cuda",
-            **kwargs,
-        )
+        return preset_config("cuda", is_static=is_static, per_channel=per_channel, **kwargs)
 
     @staticmethod
     def weight_only(bits: int = 4, block_size: int = 32, **kwargs: Any) -> WeightOnlyConfig:
@@ -413,22 +392,18 @@ class AutoQuantizationConfig:
 
         feats = cpu_features()
         if feats.get("amx") or feats.get("avx512_vnni") or feats.get("avx_vnni"):
-            return AutoQuantizationConfig.avx512_vnni(**kwargs)
+            return preset_config("avx512_vnni", **kwargs)
         if feats.get("neon"):
-            return AutoQuantizationConfig.arm64(**kwargs)
+            return preset_config("arm64", **kwargs)
         if feats.get("avx512"):
-            return AutoQuantizationConfig.avx512(**kwargs)
-        return AutoQuantizationConfig.avx2(**kwargs)
-
-    PRESETS = ("avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "cuda")
+            return preset_config("avx512", **kwargs)
+        return preset_config("avx2", **kwargs)
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> QuantizationConfig:
         if name == "auto":
             return cls.for_host(**kwargs)
-        if name not in cls.PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of: auto, {', '.join(cls.PRESETS)}")
-        return getattr(cls, name)(**kwargs)
+        return preset_config(name, **kwargs)
 
 
 class AutoCalibrationConfig:
@@ -436,42 +411,32 @@ class AutoCalibrationConfig:
     ``num_samples`` when given."""
 
     @staticmethod
-    def _n(dataset: Any, num_samples: int | None) -> int | None:
-        if num_samples is not None:
-            return num_samples
-        try:
-            return len(dataset) if dataset is not None else None
-        except TypeError:
-            return None
+    def _make(method: CalibrationMethod, dataset: Any, **kwargs: Any) -> CalibrationConfig:
+        """``num_samples`` defaults to the length of ``dataset`` when it has one."""
+        if kwargs.get("num_samples") is None and dataset is not None:
+            try:
+                kwargs["num_samples"] = len(dataset)
+            except TypeError:
+                kwargs.pop("num_samples", None)
+        return CalibrationConfig(method=method, **kwargs)
 
     @staticmethod
     def minmax(dataset: Any = None, moving_average: bool = False, averaging_constant: float = 0.01, **kwargs: Any):
-        return CalibrationConfig(
-            method=CalibrationMethod.MINMAX,
-            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
-            moving_average=moving_average,
-            averaging_constant=averaging_constant,
-            **kwargs,
+        return AutoCalibrationConfig._make(
+            CalibrationMethod.MINMAX, dataset, moving_average=moving_average,
+            averaging_constant=averaging_constant, **kwargs,
         )
 
     @staticmethod
     def percentiles(dataset: Any = None, percentile: float = 99.999, num_bins: int = 2048, **kwargs: Any):
-        return CalibrationConfig(
-            method=CalibrationMethod.PERCENTILE,
-            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
-            percentile=percentile,
-            num_bins=num_bins,
-            **kwargs,
+        return AutoCalibrationConfig._make(
+            CalibrationMethod.PERCENTILE, dataset, percentile=percentile, num_bins=num_bins, **kwargs
         )
 
     @staticmethod
     def entropy(dataset: Any = None, num_bins: int = 2048, num_quantized_bins: int = 128, **kwargs: Any):
-        return CalibrationConfig(
-            method=CalibrationMethod.ENTROPY,
-            num_samples=AutoCalibrationConfig._n(dataset, kwargs.pop("num_samples", None)),
-            num_bins=num_bins,
-            num_quantized_bins=num_quantized_bins,
-            **kwargs,
+        return AutoCalibrationConfig._make(
+            CalibrationMethod.ENTROPY, dataset, num_bins=num_bins, num_quantized_bins=num_quantized_bins, **kwargs
         )
 
     @staticmethod

@@ -448,7 +448,7 @@ def search_fallback(
     batches = list(batches)
     if not batches:
         raise ConfigError("search_fallback needs at least one batch of calibration-side data")
-    if not config.is_static:
+    if not isinstance(config, QuantizationConfig):
         raise ConfigError("the accuracy-budget fallback works on static int8 configs")
     fp32 = fp32_model if isinstance(fp32_model, onnx.ModelProto) else onnx.load(str(fp32_model))
     side = Path(side_files_from) if side_files_from is not None else None

@@ -246,8 +246,6 @@ def quantize_weight_only(
     t0 = time.perf_counter()
     graph = model.graph
     algorithm = WeightOnlyAlgorithm(config.algorithm)
-    if algorithm == WeightOnlyAlgorithm.AWQ:
-        raise ConfigError("weight-only algorithm 'awq' is not available; use 'gptq' (data-aware) or 'rtn'")
     if algorithm == WeightOnlyAlgorithm.GPTQ and calibration_batches is None:
         raise CalibrationDataError("algorithm gptq needs calibration data (--calibration-data PATH)")
 
