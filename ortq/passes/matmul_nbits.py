@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from ortq.errors import CalibrationDataError, ConfigError
+from ortq.errors import CalibrationDataError
 from ortq.passes._int4 import BlockQuantized, quantize_gptq, quantize_rtn
 from ortq.passes.gather_quant import (
     MS_DOMAIN,
