@@ -17,7 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ortq import progress
 from ortq.errors import ConfigError, Interrupted, OrtqError
+from ortq.recipes import DEFAULT_RECIPE, list_recipes
+from ortq.tasks import TASKS, normalize_task
 
 logger = logging.getLogger("ortq")
 
@@ -49,6 +52,17 @@ def _providers(text: str) -> tuple[str, ...]:
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as cpu,cuda")
     return items
+
+
+def _task(text: str) -> str:
+    try:
+        return normalize_task(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _task_or_none(text: str) -> str:
+    return "none" if text.strip().lower() == "none" else _task(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,16 +117,12 @@ def _static_config(args: argparse.Namespace):
     return AutoQuantizationConfig.from_name(args.preset, **kwargs)
 
 
-def _has_tokenizer(input_path: Path) -> bool:
-    folder = input_path if input_path.is_dir() else input_path.parent
-    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def _default_calibration_data(input_path: Path, num_samples: int | None) -> Any:
     """Without --calibration-data, text models calibrate on real offline English sentences."""
     from ortq.data import real_text
+    from ortq.io import has_tokenizer
 
-    if not _has_tokenizer(input_path):
+    if not has_tokenizer(input_path):
         raise ConfigError(
             "--calibration-data is required for a model without tokenizer files "
             "(give .npz arrays keyed by graph input name, or a text/jsonl file for an exported folder)"
@@ -123,6 +133,7 @@ def _default_calibration_data(input_path: Path, num_samples: int | None) -> Any:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from ortq.config import AutoCalibrationConfig
+    from ortq.io import has_tokenizer
     from ortq.quantizer import ORTQuantizer
 
     quantizer = ORTQuantizer.from_pretrained(args.input)
@@ -130,7 +141,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.weight_only:
         if args.algorithm is None:
             # Data-aware GPTQ when data is at hand (given, or real text for a text model); else RTN.
-            args.algorithm = "gptq" if args.calibration_data or _has_tokenizer(Path(args.input)) else "rtn"
+            args.algorithm = "gptq" if args.calibration_data or has_tokenizer(Path(args.input)) else "rtn"
         config = _weight_only_config(args)
         data = args.calibration_data
         if data is None and config.algorithm.value != "rtn":
@@ -163,7 +174,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         budget = (quantizer.last_report or {}).get("accuracy_budget")
         if budget:
             kept = budget.get("kept_float") or []
-            print(f"accuracy budget met: {budget.get('met')}; {len(kept)} node(s) kept in float: {', '.join(kept)}")
+            which = f"{len(kept)} node(s) kept in float: {', '.join(kept)}" if kept else "no node kept in float"
+            print(f"accuracy budget met: {budget.get('met')}; {which}")
     report = quantizer.last_report or {}
     plan = report.get("plan", {})
     if plan:
@@ -234,11 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("export", help="export a Hugging Face folder / name to ONNX")
-    p.add_argument("model", help="a Hugging Face model folder, or a model name in the local cache")
+    p.add_argument("model", help="a Hugging Face model folder (or .gguf file), or a model name in the local cache")
     p.add_argument("--output", "-o", required=True, help="output folder (model.onnx + tokenizer files)")
-    p.add_argument("--task", choices=["feature-extraction", "text-classification", "causal-lm"])
-    p.add_argument("--opset", type=_positive_int, default=17)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--task",
+        type=_task,
+        metavar="TASK",
+        help=f"the head to export: {', '.join(TASKS)} (default: from config.architectures)",
+    )
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset of the graph, 11-23 (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("quantize", help="quantize an ONNX model (static QDQ int8 or weight-only int4)")
@@ -248,9 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-data",
         help="txt / jsonl / csv / parquet / npz (default for text models: real English sentences)",
     )
-    p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    p.add_argument(
+        "--method", default="minmax", choices=["minmax", "percentile", "entropy"], help="range calibrator (default minmax)"
+    )
     p.add_argument("--num-samples", type=_positive_int, help="calibration samples to use")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per calibration run (default 16)")
     p.add_argument(
         "--preset",
         default="auto",
@@ -274,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="static int8 with MatMul weights stored as 4-bit blocks (--block-size), unpacked to int8 at load",
     )
-    p.add_argument("--block-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--block-size", type=_positive_int, default=32, help="weights per 4-bit scale (power of two >= 16; default 32)"
+    )
     p.add_argument("--symmetric", action="store_true", help="symmetric weight-only blocks")
     p.add_argument(
         "--accuracy-level",
@@ -300,22 +321,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="held-out data (default for text models: held-out real sentences)")
     p.add_argument("--providers", type=_providers, default=("cpu",), help="e.g. cpu,cuda,tensorrt")
     p.add_argument("--require", type=_providers, help="providers that must be available")
-    p.add_argument("--num-samples", type=_positive_int, default=64)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--num-samples", type=_positive_int, default=64, help="held-out samples to compare on (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per run (default 16)")
     p.add_argument("--report-dir", help="write report.json, report.md and report.png here")
-    p.add_argument("--min-cosine", type=_float)
+    p.add_argument("--min-cosine", type=_float, help="minimum mean output cosine to the reference")
     p.add_argument("--min-sqnr", type=_float, help="minimum SQNR in dB")
     p.add_argument("--max-latency-ratio", type=_float, help="maximum quantized / fp32 median latency")
-    p.add_argument("--max-abs-error", type=_float)
+    p.add_argument("--max-abs-error", type=_float, help="maximum absolute output error")
     p.add_argument("--min-task-agreement", type=_float, help="top-k / argmax agreement in [0, 1]")
     p.add_argument("--max-perplexity-delta", type=_float, help="causal LMs: maximum perplexity increase in %%")
-    p.add_argument("--task", choices=["embeddings", "classification", "causal-lm", "none"])
+    p.add_argument(
+        "--task",
+        type=_task_or_none,
+        metavar="TASK",
+        help=f"task metric: {', '.join(TASKS)} or none (default: guessed from the primary output)",
+    )
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model (0: skip latency)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="export -> quantize -> validate a recipe from graphs/")
-    p.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path (default: minilm)")
-    p.add_argument("--work-dir", help="keep outputs here (default: a temporary folder)")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        default=None,
+        help=f"recipe name ({', '.join(list_recipes())}) or a .toml path (default: {DEFAULT_RECIPE})",
+    )
+    p.add_argument("--work-dir", help="keep outputs here (default: a temporary folder, removed at the end)")
     p.add_argument("--num-samples", type=_positive_int, help="calibration samples")
     p.add_argument("--no-int4", action="store_true", help="skip the int4 weight-only row")
     p.add_argument("--json", help="also write the results as JSON here")
@@ -351,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        progress.set_enabled(False)
     if not args.debug:
         logging.getLogger("onnx_ir").setLevel(logging.WARNING)
         _quiet_onnxruntime()

@@ -28,26 +28,10 @@ import onnx
 
 from ortq.errors import ConfigError, ExportError, OrtqError, require
 from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
+from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("feature-extraction", "text-classification", "causal-lm")
-_TASK_OUTPUT = {
-    "feature-extraction": "last_hidden_state",
-    "text-classification": "logits",
-    "causal-lm": "logits",
-}
-_TASK_AUTO_CLASS = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-}
-# Graph inputs in Optimum's order; each is kept only when the model's forward takes it.
-_TASK_INPUTS = {
-    "feature-extraction": ("input_ids", "attention_mask", "token_type_ids"),
-    "text-classification": ("input_ids", "attention_mask", "token_type_ids"),
-    "causal-lm": ("input_ids", "attention_mask", "position_ids"),
-}
 # Max |onnx - torch| / max |torch| above which an export is called broken. Float32 exports land near 1e-6.
 PARITY_RTOL = 1e-2
 _PARITY_TEXTS = (
@@ -103,20 +87,6 @@ class ExportResult:
         return self.output_dir
 
 
-def infer_task(config: Any) -> str:
-    """The task of a transformers config, from ``config.architectures``.
-
-    ``...ForSequenceClassification`` -> text-classification, ``...ForCausalLM`` -> causal-lm, anything else
-    -> feature-extraction.
-    """
-    for arch in getattr(config, "architectures", None) or ():
-        if arch.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if arch.endswith("ForCausalLM"):
-            return "causal-lm"
-    return "feature-extraction"
-
-
 def export(
     model: Any,
     output_dir: str | os.PathLike,
@@ -157,8 +127,8 @@ def export(
         ExportError: the model cannot be loaded, exported, or its ONNX outputs differ from PyTorch.
         OutputError: ``output_dir`` exists and is not empty (without ``overwrite``) or is not writable.
     """
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task is not None:
+        task = normalize_task(task)
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ConfigError(f"unknown exporter {exporter!r}; choose auto, torchscript or dynamo")
     if not isinstance(opset, int) or not 11 <= opset <= 23:
@@ -179,7 +149,7 @@ def export(
             hf_model, tokenizer, config = model, None, model.config
         else:
             hf_model, tokenizer, config, task = _load_transformers(model, task)
-        task = task or infer_task(config)
+        task = task or task_from_config(config)
         spec = _transformers_spec(
             hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
         )
@@ -266,12 +236,29 @@ def _offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.msgpack", "*.h5")
+
+
+def _is_onnx_export(path: Path) -> bool:
+    """A ``.onnx`` file, or a folder with ``.onnx`` files and no PyTorch / GGUF weights (an export of ours)."""
+    if path.is_file():
+        return path.suffix == ".onnx"
+    if not path.is_dir() or not any(path.glob("*.onnx")):
+        return False
+    return not any(next(path.glob(pattern), None) for pattern in _WEIGHT_FILES)
+
+
 def _load_transformers(source: Any, task: str | None):
     """Load (model, tokenizer or None, config) from a folder, a ``.gguf`` file or a cached hub name."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     path = Path(source)
     kwargs: dict[str, Any] = {"local_files_only": True}
+    if _is_onnx_export(path):
+        raise ExportError(
+            f"{path}: already an ONNX model, not a PyTorch / Hugging Face one; quantize it with "
+            f"`ortq quantize {path} -o OUT` (or `ortq validate`), or export the original model folder"
+        )
     if path.is_file() and path.suffix == ".gguf":
         location, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
@@ -298,8 +285,8 @@ def _load_transformers(source: Any, task: str | None):
             raise ExportError(f"{source}: cannot read the model config ({_first_line(exc)})") from exc
         if task is None:
             # GGUF files hold decoder LLMs; their converted configs carry no architectures.
-            task = "causal-lm" if "gguf_file" in kwargs and not config.architectures else infer_task(config)
-        auto_cls = getattr(transformers, _TASK_AUTO_CLASS[task])
+            task = "causal-lm" if "gguf_file" in kwargs and not config.architectures else task_from_config(config)
+        auto_cls = getattr(transformers, TASK_SPECS[task].auto_class)
         try:
             # Eager attention: the TorchScript exporter turns sdpa (transformers >= 5) into
             # MatMul-Softmax-MatMul wrapped in IsNaN/Where guards per layer; eager gives the plain
@@ -310,7 +297,7 @@ def _load_transformers(source: Any, task: str | None):
             )
         except Exception as exc:
             raise ExportError(
-                f"{source}: cannot load as {_TASK_AUTO_CLASS[task]} for task {task} ({_first_line(exc)})"
+                f"{source}: cannot load as {TASK_SPECS[task].auto_class} for task {task} ({_first_line(exc)})"
             ) from exc
         tokenizer = None
         try:
@@ -361,10 +348,10 @@ def _transformers_spec(
     model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
 ) -> _Spec:
     params = inspect.signature(model.forward).parameters
-    names = [n for n in (input_names or _TASK_INPUTS[task]) if n in params]
+    names = [n for n in (input_names or TASK_SPECS[task].inputs) if n in params]
     if "input_ids" not in names:
         raise ExportError(f"{type(model).__name__} does not take input_ids; pass a torch module instead")
-    output_name = _TASK_OUTPUT[task]
+    output_name = TASK_SPECS[task].output
     outputs = list(output_names or [output_name])
     if len(outputs) != 1:
         raise ConfigError(f"task {task} has one output ({output_name}); got output_names={outputs}")

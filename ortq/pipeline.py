@@ -37,17 +37,27 @@ class Row:
 
 @dataclass
 class RunResult:
+    """The run table's rows. ``kept`` says whether ``work_dir`` still holds the outputs (a run without a
+    work folder uses a temporary one, removed when the run ends)."""
+
     recipe: str
     work_dir: Path
     rows: list[Row]
     num_calibration_samples: int
     num_heldout_samples: int
     export_max_abs_diff: float | None
+    fp32_size_mb: float = 0.0
+    kept: bool = True
 
     def table(self) -> str:
+        where = (
+            f"outputs in {self.work_dir}"
+            if self.kept
+            else "outputs removed with their temporary folder (pass --work-dir DIR to keep them)"
+        )
         head = (
             f"ortq run {self.recipe}: {self.num_calibration_samples} calibration / "
-            f"{self.num_heldout_samples} held-out real sentences, CPU EP, 2 threads, outputs in {self.work_dir}\n"
+            f"{self.num_heldout_samples} held-out real sentences, CPU EP, 2 threads, {where}\n"
         )
         cols = [
             "model", "size MB", "output cosine mean / min", "SQNR dB", "embedding cosine mean / min",
@@ -83,24 +93,21 @@ class RunResult:
                 )
                 + " |"
             )
-        fp32 = f"| fp32 | {self._fp32_size():.1f} | 1 / 1 | – | 1 / 1 | – | {_fmt(fp32_ms, '.1f')} | 1.00x |"
+        fp32 = f"| fp32 | {self.fp32_size_mb:.1f} | 1 / 1 | – | 1 / 1 | – | {_fmt(fp32_ms, '.1f')} | 1.00x |"
         lines.insert(2, fp32)
         extra = ""
         if self.export_max_abs_diff is not None:
             extra = f"\nexport parity: max abs diff ONNX vs torch = {self.export_max_abs_diff:.2e}\n"
         return head + "\n".join(lines) + "\n" + extra
 
-    def _fp32_size(self) -> float:
-        return _size_mb(self.work_dir / "fp32")
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
-            "work_dir": str(self.work_dir),
+            "work_dir": str(self.work_dir) if self.kept else None,
             "num_calibration_samples": self.num_calibration_samples,
             "num_heldout_samples": self.num_heldout_samples,
             "export_max_abs_diff": self.export_max_abs_diff,
-            "fp32_size_mb": self._fp32_size(),
+            "fp32_size_mb": self.fp32_size_mb,
             "rows": [
                 {"name": r.name, "path": str(r.path), "size_mb": r.size_mb, "seconds": r.seconds, "report": r.report}
                 for r in self.rows
@@ -128,16 +135,26 @@ def run_recipe(
     calibration_method: str = "minmax",
     overwrite: bool = True,
 ) -> RunResult:
-    """Run the whole pipeline on ``recipe`` (default: all-MiniLM-L6-v2) and compare every variant with fp32."""
-    from ortq.quantizer import ORTQuantizer
+    """Run the whole pipeline on ``recipe`` (default: all-MiniLM-L6-v2) and compare every variant with fp32.
+
+    Outputs go to ``work_dir``; without one, to a temporary folder that is removed when the run ends.
+    """
     from ortq.recipes import DEFAULT_RECIPE, load_recipe
-    from ortq.validate import validate
 
     rec = load_recipe(recipe or DEFAULT_RECIPE)
-    if work_dir is None:
-        work_dir = Path(tempfile.mkdtemp(prefix=f"ortq-run-{rec.name}-"))
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    if work_dir is not None:
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        return _run(rec, work, num_samples, num_heldout, with_int4, calibration_method, overwrite)
+    with tempfile.TemporaryDirectory(prefix=f"ortq-run-{rec.name}-") as tmp:
+        result = _run(rec, Path(tmp), num_samples, num_heldout, with_int4, calibration_method, overwrite)
+    result.kept = False
+    return result
+
+
+def _run(rec, work: Path, num_samples, num_heldout, with_int4, calibration_method, overwrite) -> RunResult:
+    from ortq.quantizer import ORTQuantizer
+    from ortq.validate import validate
 
     start = time.perf_counter()
     exported = rec.export(work / "fp32", work_dir=work / "source", overwrite=overwrite)
@@ -181,4 +198,5 @@ def run_recipe(
         num_calibration_samples=len(calibration),
         num_heldout_samples=len(heldout),
         export_max_abs_diff=getattr(exported, "max_abs_diff", None),
+        fp32_size_mb=_size_mb(work / "fp32"),
     )

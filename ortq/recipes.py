@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from ortq.errors import ConfigError, ExportError, require
+from ortq.tasks import TASK_SPECS, normalize_task
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "minilm"
-TASKS = ("feature-extraction", "text-classification", "causal-lm")
 _KEYS = {
     "name",
     "description",
@@ -55,11 +55,6 @@ _KEYS = {
     "config",
     "seed",
     "tokenizer",
-}
-_AUTO_CLASS = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
 }
 
 
@@ -94,8 +89,7 @@ class Recipe:
             raise ConfigError(f"{where}: name must be a non-empty string")
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"{where}: source must be a non-empty string")
-        if self.task not in TASKS:
-            raise ConfigError(f"{where}: unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        object.__setattr__(self, "task", normalize_task(self.task, where=where))
         if not isinstance(self.opset, int) or not 11 <= self.opset <= 23:
             raise ConfigError(f"{where}: opset must be an integer between 11 and 23, got {self.opset!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -207,7 +201,7 @@ class Recipe:
                 f"recipe {self.name!r}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
                 f"{len(tokenizer)} tokens"
             )
-        auto_cls = getattr(transformers, _AUTO_CLASS[self.task])
+        auto_cls = getattr(transformers, TASK_SPECS[self.task].auto_class)
         torch.manual_seed(self.seed)
         model = auto_cls.from_config(config).eval()
         model.config.architectures = [type(model).__name__]

@@ -61,13 +61,24 @@ def test_accuracy_budget_and_error_report(tiny_bert_dir, tmp_path, capsys):
     out = tmp_path / "budget"
     code = main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out), "--max-cosine-drop", "0.001", "--num-samples", "64"])
     assert code == 0
-    report = json.loads((out / "quantization_report.json").read_text())
-    budget = report["accuracy_budget"]
-    assert budget["met"] is True
-    for name in budget["kept_float"]:
+    budget = json.loads((out / "quantization_report.json").read_text())["accuracy_budget"]
+    assert budget["met"] is True and budget["kept_float"] == []
+    all_int8_drop = budget["chosen"]["cosine_drop"]
+    assert 0 < all_int8_drop <= 0.001
+    assert "accuracy budget met: True; no node kept in float" in capsys.readouterr().out
+    # Half the all-int8 drop: some nodes must stay float, each with the budget as its reason.
+    tight = tmp_path / "tight"
+    code = main(["-q", "quantize", str(tiny_bert_dir), "-o", str(tight), "--max-cosine-drop", repr(all_int8_drop / 2),
+                 "--num-samples", "64"])
+    assert code == 0
+    report = json.loads((tight / "quantization_report.json").read_text())
+    kept = report["accuracy_budget"]["kept_float"]
+    assert kept, "a budget below the all-int8 drop keeps nodes in float"
+    assert report["accuracy_budget"]["chosen"]["cosine_drop"] <= all_int8_drop / 2
+    for name in kept:
         node = next(n for n in report["plan"]["nodes"] if n["name"] == name)
         assert "accuracy budget" in node["reason"]
-    assert "accuracy budget met: True" in capsys.readouterr().out
+    assert f"{len(kept)} node(s) kept in float: {', '.join(kept)}" in capsys.readouterr().out
     out2 = tmp_path / "report"
     assert main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out2), "--error-report", "--num-samples", "32"]) == 0
     layers = json.loads((out2 / "layer_report.json").read_text())

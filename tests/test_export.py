@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -12,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from ortq.errors import ConfigError, ExportError, OutputError
-from ortq.export import ExportResult, export, infer_task
+from ortq.export import ExportResult, export
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,16 +145,6 @@ def test_task_override_exports_the_base_model(tiny_bert_classifier_src, tmp_out)
     result = export(tiny_bert_classifier_src, tmp_out, task="feature-extraction", check_parity=False)
     assert result.output_names == ("last_hidden_state",)
     assert result.max_abs_diff is None
-
-
-def test_infer_task():
-    assert (
-        infer_task(SimpleNamespace(architectures=["BertForSequenceClassification"])) == "text-classification"
-    )
-    assert infer_task(SimpleNamespace(architectures=["LlamaForCausalLM"])) == "causal-lm"
-    assert infer_task(SimpleNamespace(architectures=["BertModel"])) == "feature-extraction"
-    assert infer_task(SimpleNamespace(architectures=None)) == "feature-extraction"
-    assert infer_task(SimpleNamespace()) == "feature-extraction"
 
 
 # ----------------------------------------------------------------------------------------- plain modules

@@ -3,13 +3,12 @@ through ``ORTQuantizer.from_pretrained(...).quantize(...)``. Only ortq's own err
 quantizes must pass onnx.checker and load in ONNX Runtime. The CLI never prints a traceback.
 
 Each model is derived from a seed, so a failure names the seed and the mutations that reproduce it.
-The default run is bounded in time; ``-m slow`` runs 500 models.
+The default run covers 200 fixed seeds; ``-m slow`` runs 500 models.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -443,12 +442,9 @@ def fuzz_one(seed: int, folder: Path) -> str:
     return "ok"
 
 
-def _run_fuzz(tmp_path: Path, seeds, budget_s: float | None) -> dict[str, int]:
+def _run_fuzz(tmp_path: Path, seeds) -> dict[str, int]:
     outcomes: dict[str, int] = {}
-    start = time.perf_counter()
     for seed in seeds:
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            break
         folder = tmp_path / str(seed)
         folder.mkdir()
         outcome = fuzz_one(seed, folder)
@@ -457,14 +453,15 @@ def _run_fuzz(tmp_path: Path, seeds, budget_s: float | None) -> dict[str, int]:
 
 
 def test_fuzz_only_ortq_errors_escape(tmp_path):
-    outcomes = _run_fuzz(tmp_path, range(600), budget_s=15.0)
-    assert sum(outcomes.values()) >= 20, outcomes
+    # A fixed set of seeds: the same models on every machine, however fast.
+    outcomes = _run_fuzz(tmp_path, range(200))
+    assert sum(outcomes.values()) == 200, outcomes
     print("fuzz outcomes:", outcomes)
 
 
 @pytest.mark.slow
 def test_fuzz_500_models(tmp_path):
-    outcomes = _run_fuzz(tmp_path, range(1000, 1500), budget_s=None)
+    outcomes = _run_fuzz(tmp_path, range(1000, 1500))
     assert sum(outcomes.values()) == 500
     print("fuzz outcomes (500 models):", outcomes)
 

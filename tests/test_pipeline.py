@@ -49,3 +49,12 @@ def test_minilm_end_to_end(tmp_path):
     assert _cpu(int4)["task"]["embedding_cosine_mean"] >= 0.985
     assert int8.size_mb < 30 and w4a8.size_mb <= 20 and int4.size_mb <= 20
     assert result.export_max_abs_diff < 1e-4
+
+
+def test_run_without_work_dir_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    result = run_recipe("tiny-bert", num_samples=16, num_heldout=16, with_int4=False)
+    assert list(tmp_path.iterdir()) == [], "the temporary work folder is removed"
+    assert result.kept is False and result.to_dict()["work_dir"] is None
+    assert "outputs removed with their temporary folder (pass --work-dir DIR to keep them)" in result.table()
+    assert result.fp32_size_mb > result.rows[0].size_mb > 0
