@@ -235,7 +235,7 @@ def test_failure_keeps_previous_output(tmp_out, monkeypatch):
     def boom(*args, **kwargs):
         raise ExportError("simulated failure after the graph was written")
 
-    monkeypatch.setattr("ortq.export._check_parity", boom)
+    monkeypatch.setattr("ortq.export.compare_with_torch", boom)
     with pytest.raises(ExportError, match="simulated"):
         export(_TwoInputs(), tmp_out, example_inputs=(torch.randn(2, 3), torch.randn(2, 1)), overwrite=True)
     assert (tmp_out / "model.onnx").read_bytes() == before

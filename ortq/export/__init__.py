@@ -1,0 +1,208 @@
+"""Export PyTorch / Hugging Face models to an ONNX folder: ``model.onnx`` plus tokenizer and config files.
+
+Sources:
+  * a Hugging Face model folder, a ``.gguf`` file (dequantized to float32 on load), or a hub name already in
+    the local cache (nothing is ever downloaded);
+  * a ``torch.nn.Module`` with ``example_inputs``.
+
+Every export is checked against PyTorch with ONNX Runtime on inputs of two shapes other than the traced one
+(so the dynamic axes are exercised) and the output folder is written atomically. The stages, in order:
+:mod:`~ortq.export.sources` (load) -> :mod:`~ortq.export.spec` (inputs, outputs, axes) ->
+:mod:`~ortq.export.convert` (torch -> ONNX, graph clean-up) -> :mod:`~ortq.export.parity` (check).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
+from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
+from ortq.export.parity import compare_with_torch
+from ortq.export.sources import load_transformers, save_side_files
+from ortq.export.spec import module_spec, transformers_spec
+from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
+from ortq.tasks import normalize_task, task_from_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote and how close the ONNX model is to PyTorch.
+
+    Attributes:
+        output_dir: the folder written.
+        model_path: ``output_dir / "model.onnx"``.
+        task: the task exported (``None`` for a plain ``nn.Module``).
+        opset: the default-domain opset of the graph.
+        input_names / output_names: the graph's inputs and outputs.
+        exporter: ``"torchscript"`` or ``"dynamo"``.
+        max_abs_diff: max |onnx - torch| over the parity inputs (real tokens only); ``None`` if not checked.
+        max_rel_diff: ``max_abs_diff / max |torch|``.
+        parity_shapes: the input shapes the parity check ran (batch, sequence).
+        export_seconds: wall time of the torch -> ONNX conversion.
+        num_parameters: parameters of the torch model.
+        external_data: whether the weights live in ``model.onnx.data``.
+        tied_weights: graph initializer -> the initializer it duplicates (transposed), e.g. the lm_head
+            MatMul weight of a model with tied input/output embeddings.
+        files: the file names in ``output_dir``.
+    """
+
+    output_dir: Path
+    model_path: Path
+    task: str | None
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    exporter: str
+    max_abs_diff: float | None
+    max_rel_diff: float | None
+    parity_shapes: tuple[tuple[int, ...], ...]
+    export_seconds: float
+    num_parameters: int
+    external_data: bool
+    tied_weights: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        """The exported folder (same as ``output_dir``)."""
+        return self.output_dir
+
+
+def export(
+    model: Any,
+    output_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    opset: int = 17,
+    example_inputs: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    overwrite: bool = False,
+    check_parity: bool = True,
+    max_length: int | None = None,
+    exporter: str = "auto",
+) -> ExportResult:
+    """Export ``model`` to ``output_dir/model.onnx`` (plus tokenizer and config files) and check parity.
+
+    Args:
+        model: a Hugging Face model folder, a ``.gguf`` file, a hub name in the local cache, a transformers
+            ``PreTrainedModel`` or any ``torch.nn.Module``.
+        output_dir: the folder to write; must not exist or be empty unless ``overwrite``.
+        task: ``feature-extraction``, ``text-classification`` or ``causal-lm``; inferred from
+            ``config.architectures`` when not given. Ignored for a plain ``nn.Module``.
+        opset: the ONNX opset.
+        example_inputs: inputs to trace with: a tensor, a tuple of tensors or a dict name -> tensor. Required
+            for a plain ``nn.Module``; optional for transformers models (tokenized sample text by default).
+        input_names: graph input names (a transformers model keeps only the ones its forward takes).
+        output_names: graph output names.
+        dynamic_axes: ``{name: {axis: dim_name}}``. Transformers models default to dynamic batch and
+            sequence axes; a plain module to a dynamic axis 0 (``batch``) on every input and output.
+        overwrite: replace a non-empty ``output_dir``.
+        check_parity: compare ONNX Runtime with PyTorch after export (raise :class:`ExportError` when off by
+            more than 1% of the output's range).
+        max_length: longest sequence the parity inputs use and recorded in the model's metadata.
+        exporter: ``"auto"`` (TorchScript, then dynamo on failure), ``"torchscript"`` or ``"dynamo"``.
+
+    Raises:
+        ExportError: the model cannot be loaded, exported, or its ONNX outputs differ from PyTorch.
+        OutputError: ``output_dir`` exists and is not empty (without ``overwrite``) or is not writable.
+    """
+    if task is not None:
+        task = normalize_task(task)
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ConfigError(f"unknown exporter {exporter!r}; choose auto, torchscript or dynamo")
+    if not isinstance(opset, int) or not 11 <= opset <= 23:
+        raise ConfigError(f"opset must be an integer between 11 and 23, got {opset!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+    inputs_to_protect = (
+        (Path(model),) if isinstance(model, (str, os.PathLike)) and Path(model).exists() else ()
+    )
+    out = check_output_dir(output_dir, inputs=inputs_to_protect, overwrite=overwrite)
+
+    torch = require("torch", "export")
+    if isinstance(model, torch.nn.Module) and not _is_transformers_model(model):
+        spec = module_spec(model, example_inputs, input_names, output_names, dynamic_axes)
+        hf_model, tokenizer, config = None, None, None
+    else:
+        if isinstance(model, torch.nn.Module):
+            hf_model, tokenizer, config = model, None, model.config
+        else:
+            hf_model, tokenizer, config, task = load_transformers(model, task)
+        task = task or task_from_config(config)
+        spec = transformers_spec(
+            hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
+        )
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model_path = tmp / MODEL_FILENAME
+        t0 = time.perf_counter()
+        used = convert(spec, model_path, opset, exporter)
+        export_seconds = time.perf_counter() - t0
+        proto = onnx.load(str(model_path), load_external_data=True)
+        drop_weight_identities(proto)
+        tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
+        set_metadata(proto, spec.task, max_length, used, tied)
+        for f in list(tmp.iterdir()):  # exporters may write external data files; save_model rewrites them
+            f.unlink()
+        save_model(proto, model_path)
+        external = (tmp / (MODEL_FILENAME + ".data")).exists()
+        try:
+            onnx.checker.check_model(str(model_path) if external else proto)
+        except Exception as exc:
+            raise ExportError(f"the exported graph fails onnx.checker: {first_line(exc)}") from exc
+        del proto
+        max_abs = max_rel = None
+        shapes: tuple[tuple[int, ...], ...] = ()
+        if check_parity:
+            max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
+        if config is not None:
+            save_side_files(config, tokenizer, hf_model, tmp)
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+        num_params = sum(p.numel() for p in spec.module.parameters())
+
+    logger.info(
+        "exported %s to %s in %.1f s (%s exporter, opset %d%s)",
+        spec.task or type(model).__name__,
+        out,
+        export_seconds,
+        used,
+        opset,
+        f", parity max abs diff {max_abs:.3g}" if max_abs is not None else "",
+    )
+    return ExportResult(
+        output_dir=out,
+        model_path=out / MODEL_FILENAME,
+        task=spec.task,
+        opset=opset,
+        input_names=tuple(spec.input_names),
+        output_names=tuple(spec.output_names),
+        exporter=used,
+        max_abs_diff=max_abs,
+        max_rel_diff=max_rel,
+        parity_shapes=shapes,
+        export_seconds=export_seconds,
+        num_parameters=num_params,
+        external_data=external,
+        tied_weights=tied,
+        files=files,
+    )
+
+
+def _is_transformers_model(module: Any) -> bool:
+    try:
+        transformers = require("transformers", "export")
+    except OrtqError:
+        return False
+    return isinstance(module, transformers.PreTrainedModel)
