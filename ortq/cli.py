@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ortq import progress
+from ortq.config import PRESETS
 from ortq.errors import ConfigError, Interrupted, OrtqError
 from ortq.recipes import DEFAULT_RECIPE, list_recipes
 from ortq.tasks import TASKS, normalize_task
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="auto",
-        choices=["auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "cuda"],
+        choices=["auto", *PRESETS],
         help="int8 preset (auto: detect this CPU)",
     )
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales")

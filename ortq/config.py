@@ -317,18 +317,19 @@ _GPU = {
     "activations_symmetric": True,
     "quantize_activation_matmuls": True,
 }
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # x86 with AVX2 (no VNNI): 7-bit weights against the saturation of vpmaddubsw's u8 x s8 pairs.
-    "avx2": {**_CPU, "reduce_range": True},
-    # AVX512 without VNNI: the same saturation hazard as AVX2.
-    "avx512": {**_CPU, "reduce_range": True},
-    # x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8.
-    "avx512_vnni": dict(_CPU),
-    # ARM64 (NEON / dot product): u8 activations, s8 weights.
-    "arm64": dict(_CPU),
-    "tensorrt": dict(_GPU),
-    "cuda": dict(_GPU),
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "avx2": (
+        "x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights (``reduce_range``) against the "
+        "saturation of vpmaddubsw's u8 x s8 pairs.",
+        {**_CPU, "reduce_range": True},
+    ),
+    "avx512": ("AVX512 without VNNI: as AVX2, 7-bit weights.", {**_CPU, "reduce_range": True}),
+    "avx512_vnni": ("x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8.", dict(_CPU)),
+    "arm64": ("ARM64 (NEON / dot product): u8 activations, s8 weights.", dict(_CPU)),
+    "tensorrt": ("TensorRT: s8s8, symmetric activations and weights.", dict(_GPU)),
+    "cuda": ("CUDA EP: s8s8 symmetric QDQ.", dict(_GPU)),
 }
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {name: defaults for name, (_, defaults) in PRESETS.items()}
 
 
 def preset_config(name: str, *, is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
@@ -345,41 +346,26 @@ def preset_config(name: str, *, is_static: bool = True, per_channel: bool = True
     return QuantizationConfig(preset=name, **params)
 
 
+def _preset_factory(name: str):
+    def factory(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
+        return preset_config(name, is_static=is_static, per_channel=per_channel, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = PRESETS[name][0]
+    return staticmethod(factory)
+
+
 class AutoQuantizationConfig:
-    """Named presets with Optimum's names (see :data:`PRESET_DEFAULTS`); each returns a
-    :class:`QuantizationConfig`, keyword arguments override the preset's defaults."""
+    """Named presets with Optimum's names (see :data:`PRESETS`); each returns a :class:`QuantizationConfig`,
+    keyword arguments override the preset's defaults."""
 
-    PRESETS = tuple(PRESET_DEFAULTS)
-
-    @staticmethod
-    def avx2(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """x86 with AVX2 (no VNNI): u8 activations, s8 weights, 7-bit weights (``reduce_range``)."""
-        return preset_config("avx2", is_static=is_static, per_channel=per_channel, **kwargs)
-
-    @staticmethod
-    def avx512(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """AVX512 without VNNI: as AVX2."""
-        return preset_config("avx512", is_static=is_static, per_channel=per_channel, **kwargs)
-
-    @staticmethod
-    def avx512_vnni(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """x86 with AVX512-VNNI / AVX-VNNI / AMX: full 8-bit u8s8."""
-        return preset_config("avx512_vnni", is_static=is_static, per_channel=per_channel, **kwargs)
-
-    @staticmethod
-    def arm64(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """ARM64 (NEON / dot product): u8 activations, s8 weights."""
-        return preset_config("arm64", is_static=is_static, per_channel=per_channel, **kwargs)
-
-    @staticmethod
-    def tensorrt(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """TensorRT: s8s8, symmetric activations and weights."""
-        return preset_config("tensorrt", is_static=is_static, per_channel=per_channel, **kwargs)
-
-    @staticmethod
-    def cuda(is_static: bool = True, per_channel: bool = True, **kwargs: Any) -> QuantizationConfig:
-        """CUDA EP: s8s8 symmetric QDQ."""
-        return preset_config("cuda", is_static=is_static, per_channel=per_channel, **kwargs)
+    PRESETS = tuple(PRESETS)
+    avx2 = _preset_factory("avx2")
+    avx512 = _preset_factory("avx512")
+    avx512_vnni = _preset_factory("avx512_vnni")
+    arm64 = _preset_factory("arm64")
+    tensorrt = _preset_factory("tensorrt")
+    cuda = _preset_factory("cuda")
 
     @staticmethod
     def weight_only(bits: int = 4, block_size: int = 32, **kwargs: Any) -> WeightOnlyConfig:

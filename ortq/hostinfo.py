@@ -182,25 +182,25 @@ def cpu_features() -> dict[str, bool]:
     return dict(_cpu_features_cached())
 
 
+# The int8 GEMM path of ONNX Runtime's MLAS for each CPU feature, best first.
+_INT8_PATHS = (
+    ("amx", "amx: int8 tiles (u8s8 and s8s8), full 8-bit range"),
+    ("avx512_vnni", "avx512_vnni: vpdpbusd u8s8, full 8-bit range"),
+    ("avx_vnni", "avx_vnni: vpdpbusd (VEX) u8s8, full 8-bit range"),
+    ("avx512bw", "avx512bw: vpmaddubsw u8s8, 16-bit intermediate can saturate (use reduce_range)"),
+    ("avx2", "avx2: vpmaddubsw u8s8, 16-bit intermediate can saturate (use reduce_range)"),
+    ("i8mm", "arm64 i8mm: smmla/ummla int8 matrix multiply"),
+    ("dotprod", "arm64 dotprod: sdot/udot int8"),
+    ("neon", "arm64 neon: widening int8 multiply-accumulate"),
+)
+
+
 def int8_kernel_path(features: dict[str, bool] | None = None) -> str:
     """The int8 GEMM path ONNX Runtime's MLAS takes on this CPU, in words, with its consequence."""
     f = cpu_features() if features is None else features
-    if f.get("amx"):
-        return "amx: int8 tiles (u8s8 and s8s8), full 8-bit range"
-    if f.get("avx512_vnni"):
-        return "avx512_vnni: vpdpbusd u8s8, full 8-bit range"
-    if f.get("avx_vnni"):
-        return "avx_vnni: vpdpbusd (VEX) u8s8, full 8-bit range"
-    if f.get("avx512bw"):
-        return "avx512bw: vpmaddubsw u8s8, 16-bit intermediate can saturate (use reduce_range)"
-    if f.get("avx2"):
-        return "avx2: vpmaddubsw u8s8, 16-bit intermediate can saturate (use reduce_range)"
-    if f.get("i8mm"):
-        return "arm64 i8mm: smmla/ummla int8 matrix multiply"
-    if f.get("dotprod"):
-        return "arm64 dotprod: sdot/udot int8"
-    if f.get("neon"):
-        return "arm64 neon: widening int8 multiply-accumulate"
+    for feature, path in _INT8_PATHS:
+        if f.get(feature):
+            return path
     return "scalar or SSE int8 (slow): int8 is unlikely to beat fp32 on this CPU"
 
 
