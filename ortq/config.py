@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ortq.errors import ConfigError
 
@@ -79,8 +79,35 @@ def _check_keys(cls: type, data: dict[str, Any]) -> None:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
 
 
+class _JsonConfig:
+    """``to_dict`` / ``from_dict`` for a frozen config dataclass: enums as their values, tuples as lists,
+    granularities as their dicts, and ``kind`` naming the config type (``KIND``; none for calibration)."""
+
+    KIND: ClassVar[str | None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, (PerTensor, PerChannel)):
+                value = value.to_dict()
+            d[f.name] = value
+        if self.KIND is not None:
+            d["kind"] = self.KIND
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        _check_keys(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
 @dataclass(frozen=True)
-class CalibrationConfig:
+class CalibrationConfig(_JsonConfig):
     """How activation ranges are estimated.
 
     Attributes:
@@ -125,22 +152,13 @@ class CalibrationConfig:
                 f"got {self.num_quantized_bins!r}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["method"] = self.method.value
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
-        _check_keys(cls, data)
-        return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
 DEFAULT_OPERATORS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass(frozen=True)
-class QuantizationConfig:
+class QuantizationConfig(_JsonConfig):
     """Static (calibrated) int8 quantization with QDQ nodes.
 
     Attributes:
@@ -165,6 +183,8 @@ class QuantizationConfig:
             ``"auto"`` to search it per activation on calibration rows (the presets' default), None: off.
         preset: the name of the preset this config came from, for reports.
     """
+
+    KIND: ClassVar[str] = "static_int8"
 
     activations_dtype: QuantType = QuantType.QUInt8
     activations_symmetric: bool = False
@@ -211,20 +231,6 @@ class QuantizationConfig:
     def per_channel(self) -> bool:
         return isinstance(self.weights_granularity, PerChannel)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["kind"] = "static_int8"
-        d["activations_dtype"] = self.activations_dtype.value
-        d["weights_dtype"] = self.weights_dtype.value
-        d["weights_granularity"] = self.weights_granularity.to_dict()
-        d["operators_to_quantize"] = list(self.operators_to_quantize)
-        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
-        _check_keys(cls, data)
-        return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
 class WeightOnlyAlgorithm(str, enum.Enum):
@@ -233,7 +239,7 @@ class WeightOnlyAlgorithm(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class WeightOnlyConfig:
+class WeightOnlyConfig(_JsonConfig):
     """Weight-only quantization of MatMul weights to ``com.microsoft.MatMulNBits`` (and embeddings to
     ``GatherBlockQuantized``).
 
@@ -252,6 +258,8 @@ class WeightOnlyConfig:
             that divides K (and is >= block_size), else block_size.
         nodes_to_exclude: node-name patterns (fnmatch) left in float.
     """
+
+    KIND: ClassVar[str] = "weight_only"
 
     bits: int = 4
     block_size: int = 32
@@ -280,18 +288,6 @@ class WeightOnlyConfig:
         if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
             raise ConfigError(f"int8_block_size must be a power of two >= 16, got {b8!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["kind"] = "weight_only"
-        d["algorithm"] = self.algorithm.value
-        d["int8_nodes"] = list(self.int8_nodes)
-        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WeightOnlyConfig:
-        _check_keys(cls, data)
-        return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
 AnyQuantizationConfig = QuantizationConfig | WeightOnlyConfig

@@ -232,29 +232,19 @@ def _nvidia_smi_gpus() -> list[dict[str, Any]] | None:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index,name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.debug("nvidia-smi failed: %s", exc)
-        return None
-    if out.returncode != 0:
-        # Older drivers do not know compute_cap; retry without it.
+    # Older drivers do not know compute_cap: the query is retried without it.
+    for fields in ("index,name,driver_version,memory.total,compute_cap", "index,name,driver_version,memory.total"):
         try:
             out = subprocess.run(
-                [smi, "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=15,
+                [smi, f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=15
             )
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.debug("nvidia-smi failed: %s", exc)
             return None
-        if out.returncode != 0:
-            return None
+        if out.returncode == 0:
+            break
+    else:
+        return None
     gpus = []
     for line in out.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
