@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from ortq.errors import CalibrationDataError, require
+from ortq.tasks import is_past_input
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,17 @@ TEXT_COLUMNS = ("text", "sentence", "content", "question")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: numpy dtype and rank (None when unknown)."""
+    """A graph input: numpy dtype, rank (None when unknown) and its fixed dimensions (None where dynamic)."""
 
     name: str
     dtype: np.dtype
     rank: int | None
+    dims: tuple[int | None, ...] = ()
+
+    def empty_past(self, batch_size: int) -> np.ndarray:
+        """A KV-cache input of past length 0 (``[batch, heads, 0, head_dim]``): what a prefill feeds."""
+        shape = [batch_size] + [d if d is not None else 0 for d in self.dims[1:]]
+        return np.zeros(shape, dtype=self.dtype)
 
 
 def graph_inputs(model: onnx.ModelProto | str | os.PathLike) -> dict[str, InputSpec]:
@@ -57,7 +64,8 @@ def graph_inputs(model: onnx.ModelProto | str | os.PathLike) -> dict[str, InputS
         tt = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
         rank = len(tt.shape.dim) if tt.HasField("shape") else None
-        specs[vi.name] = InputSpec(vi.name, dtype, rank)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) if rank else ()
+        specs[vi.name] = InputSpec(vi.name, dtype, rank, dims)
     return specs
 
 
@@ -210,9 +218,19 @@ def _check_array(name: str, arr: np.ndarray, spec: InputSpec | None, where: str)
     return arr
 
 
+def _with_empty_past(feeds: Mapping[str, Any], specs: Mapping[str, InputSpec]) -> dict[str, Any]:
+    """``feeds`` plus a KV cache of length 0 for every past input they lack (data describes prompts)."""
+    missing = [n for n in specs if n not in feeds and is_past_input(n)]
+    if not missing or not feeds:
+        return dict(feeds)
+    batch = len(next(iter(feeds.values())))
+    return {**feeds, **{n: specs[n].empty_past(batch) for n in missing}}
+
+
 def _check_feeds(feeds: Mapping[str, Any], specs: Mapping[str, InputSpec], where: str) -> Feeds:
     if not isinstance(feeds, Mapping):
         raise CalibrationDataError(f"{where}: expected a dict of input name -> array, got {type(feeds).__name__}")
+    feeds = _with_empty_past(feeds, specs)
     unknown = sorted(set(feeds) - set(specs))
     missing = sorted(set(specs) - set(feeds))
     if unknown or missing:
@@ -238,6 +256,8 @@ def _tokenize(texts: Sequence[str], tokenizer, specs: Mapping[str, InputSpec], m
         elif name == "position_ids":
             mask = np.asarray(enc["attention_mask"])
             feeds[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(spec.dtype)
+        elif is_past_input(name):
+            feeds[name] = spec.empty_past(len(enc["input_ids"]))
         else:
             raise CalibrationDataError(
                 f"text data cannot feed graph input {name!r}; give .npz or .jsonl data with that column"

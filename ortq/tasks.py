@@ -10,10 +10,13 @@ task                      exported as                                  judged by
                                                                        neighbour agreement
 ``text-classification``   ``AutoModelForSequenceClassification``       argmax agreement
                           -> ``logits``
-``causal-lm``             ``AutoModelForCausalLM`` -> ``logits``       perplexity, next-token agreement
+``causal-lm``             ``AutoModelForCausalLM`` -> ``logits`` and   perplexity, next-token agreement
+                          ``present.{i}.key/value`` (KV cache)
+``causal-lm-no-past``     ``AutoModelForCausalLM`` -> ``logits`` only  perplexity, next-token agreement
 ========================  ===========================================  ==================================
 
-Older names are accepted as aliases (``embeddings``, ``classification``, ``text-generation``).
+Optimum's names are accepted as aliases (``text-generation-with-past`` is ``causal-lm``, ``text-generation``
+the logits-only ``causal-lm-no-past``), and so are ``embeddings`` and ``classification``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ class Task:
     auto_class: str  # the transformers class that loads the model with its head
     output: str  # the graph output the task is judged on
     inputs: tuple[str, ...]  # graph inputs in Optimum's order; each kept only when forward() takes it
-    architecture_suffix: str | None  # ``config.architectures`` entries ending so belong to this task
+    architecture_suffixes: tuple[str, ...]  # ``config.architectures`` entries ending so belong to this task
+    with_past: bool = False  # the graph takes ``past_key_values.{i}.key/value`` and returns ``present.*``
+
+    @property
+    def generative(self) -> bool:
+        """A causal LM, with or without the KV cache."""
+        return self.auto_class == "AutoModelForCausalLM"
 
 
 TASK_SPECS: dict[str, Task] = {
@@ -44,21 +53,29 @@ TASK_SPECS: dict[str, Task] = {
             "AutoModel",
             "last_hidden_state",
             ("input_ids", "attention_mask", "token_type_ids"),
-            None,
+            (),
         ),
         Task(
             "text-classification",
             "AutoModelForSequenceClassification",
             "logits",
             ("input_ids", "attention_mask", "token_type_ids"),
-            "ForSequenceClassification",
+            ("ForSequenceClassification",),
         ),
         Task(
             "causal-lm",
             "AutoModelForCausalLM",
             "logits",
             ("input_ids", "attention_mask", "position_ids"),
-            "ForCausalLM",
+            ("ForCausalLM", "LMHeadModel"),
+            with_past=True,
+        ),
+        Task(
+            "causal-lm-no-past",
+            "AutoModelForCausalLM",
+            "logits",
+            ("input_ids", "attention_mask", "position_ids"),
+            (),
         ),
     )
 }
@@ -67,8 +84,19 @@ ALIASES = {
     "embeddings": "feature-extraction",
     "classification": "text-classification",
     "sequence-classification": "text-classification",
-    "text-generation": "causal-lm",
+    "text-generation-with-past": "causal-lm",
+    "text-generation": "causal-lm-no-past",
 }
+# Graph inputs / outputs of a KV cache, Optimum's and onnxruntime-genai's names.
+PAST_KEY = "past_key_values.{layer}.key"
+PAST_VALUE = "past_key_values.{layer}.value"
+PRESENT_KEY = "present.{layer}.key"
+PRESENT_VALUE = "present.{layer}.value"
+
+
+def is_past_input(name: str) -> bool:
+    """Whether a graph input carries the KV cache of earlier tokens."""
+    return name.startswith(("past_key_values.", "past_key_values_", "past.")) or name.startswith("cache.")
 
 
 def normalize_task(name: str, *, where: str = "") -> str:
@@ -84,12 +112,12 @@ def normalize_task(name: str, *, where: str = "") -> str:
 def task_from_config(config: Any) -> str:
     """The task of a transformers config, from ``config.architectures``.
 
-    ``...ForSequenceClassification`` -> text-classification, ``...ForCausalLM`` -> causal-lm, anything else
-    -> feature-extraction.
+    ``...ForSequenceClassification`` -> text-classification, ``...ForCausalLM`` / ``...LMHeadModel`` ->
+    causal-lm, anything else -> feature-extraction.
     """
     for arch in getattr(config, "architectures", None) or ():
         for task in TASK_SPECS.values():
-            if task.architecture_suffix and arch.endswith(task.architecture_suffix):
+            if arch.endswith(task.architecture_suffixes):
                 return task.name
     return "feature-extraction"
 

@@ -161,6 +161,12 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama_src) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_nopast_dir(tmp_path_factory, tiny_llama_src) -> Path:
+    """The tiny Llama exported logits-only (``causal-lm-no-past``)."""
+    return _export(tiny_llama_src, tmp_path_factory.mktemp("tiny-llama-nopast") / "onnx", task="causal-lm-no-past")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir(tmp_path_factory, minilm_src) -> Path:
     """The real all-MiniLM-L6-v2 exported (~90 MB, a few seconds); for slow tests."""
     return _export(minilm_src, tmp_path_factory.mktemp("minilm") / "onnx")

@@ -41,11 +41,11 @@ def _torch_ref(src, task, feeds):
     cls = {
         "feature-extraction": transformers.AutoModel,
         "text-classification": transformers.AutoModelForSequenceClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
+        "causal-lm-no-past": transformers.AutoModelForCausalLM,
     }[task]
     model = cls.from_pretrained(str(src), attn_implementation="eager").eval()
     kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    if task == "causal-lm":
+    if task == "causal-lm-no-past":
         kwargs["use_cache"] = False
     with torch.no_grad():
         out = model(**kwargs)
@@ -65,7 +65,12 @@ CASES = [
         "text-classification",
         ["input_ids", "attention_mask", "token_type_ids"],
     ),
-    ("tiny_llama_src", "tiny_llama_dir", "causal-lm", ["input_ids", "attention_mask", "position_ids"]),
+    (
+        "tiny_llama_src",
+        "tiny_llama_nopast_dir",
+        "causal-lm-no-past",
+        ["input_ids", "attention_mask", "position_ids"],
+    ),
 ]
 
 

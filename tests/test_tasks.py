@@ -9,6 +9,7 @@ from ortq.tasks import TASKS, normalize_task, task_from_config, task_from_output
 def test_task_from_config():
     assert task_from_config(SimpleNamespace(architectures=["BertForSequenceClassification"])) == "text-classification"
     assert task_from_config(SimpleNamespace(architectures=["LlamaForCausalLM"])) == "causal-lm"
+    assert task_from_config(SimpleNamespace(architectures=["GPT2LMHeadModel"])) == "causal-lm"
     assert task_from_config(SimpleNamespace(architectures=["BertModel"])) == "feature-extraction"
     assert task_from_config(SimpleNamespace(architectures=None)) == "feature-extraction"
     assert task_from_config(SimpleNamespace()) == "feature-extraction"
@@ -34,7 +35,8 @@ def test_task_from_outputs():
         ("feature-extraction", "feature-extraction"),
         ("embeddings", "feature-extraction"),
         ("Classification", "text-classification"),
-        ("text-generation", "causal-lm"),
+        ("text-generation-with-past", "causal-lm"),
+        ("text-generation", "causal-lm-no-past"),
         (" causal-lm ", "causal-lm"),
     ],
 )

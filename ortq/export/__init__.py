@@ -25,11 +25,12 @@ import onnx
 
 from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
 from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
+from ortq.export.decoder import decoder_spec
 from ortq.export.parity import compare_with_torch
 from ortq.export.sources import load_transformers, save_side_files
-from ortq.export.spec import module_spec, transformers_spec
+from ortq.export.spec import max_positions, module_spec, transformers_spec
 from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
-from ortq.tasks import normalize_task, task_from_config
+from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def export(
         model: a Hugging Face model folder, a ``.gguf`` file, a hub name in the local cache, a transformers
             ``PreTrainedModel`` or any ``torch.nn.Module``.
         output_dir: the folder to write; must not exist or be empty unless ``overwrite``.
-        task: ``feature-extraction``, ``text-classification`` or ``causal-lm``; inferred from
-            ``config.architectures`` when not given. Ignored for a plain ``nn.Module``.
+        task: ``feature-extraction``, ``text-classification``, ``causal-lm`` (with the KV cache as inputs and
+            outputs) or ``causal-lm-no-past`` (logits only); inferred from ``config.architectures`` when not
+            given. Ignored for a plain ``nn.Module``.
         opset: the ONNX opset.
         example_inputs: inputs to trace with: a tensor, a tuple of tensors or a dict name -> tensor. Required
             for a plain ``nn.Module``; optional for transformers models (tokenized sample text by default).
@@ -141,9 +143,12 @@ def export(
         else:
             hf_model, tokenizer, config, task = load_transformers(model, task)
         task = task or task_from_config(config)
-        spec = transformers_spec(
-            hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
-        )
+        if TASK_SPECS[task].with_past and example_inputs is None and input_names is None:
+            spec = decoder_spec(hf_model, tokenizer, max_positions(config, max_length))
+        else:
+            spec = transformers_spec(
+                hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
+            )
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model_path = tmp / MODEL_FILENAME

@@ -14,7 +14,7 @@ from ortq.tasks import TASK_SPECS
 logger = logging.getLogger(__name__)
 
 
-_PARITY_TEXTS = (
+PARITY_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "ONNX Runtime executes the exported graph on CPUs and GPUs; quantization makes it smaller and faster, "
     "provided the accuracy stays where it was.",
@@ -67,24 +67,24 @@ def transformers_spec(
     outputs = list(output_names or [output_name])
     if len(outputs) != 1:
         raise ConfigError(f"task {task} has one output ({output_name}); got output_names={outputs}")
-    extra = {"use_cache": False} if task == "causal-lm" else {}
-    if task == "causal-lm":
+    extra = {"use_cache": False} if TASK_SPECS[task].generative else {}
+    if TASK_SPECS[task].generative:
         model.config.use_cache = False
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
         dynamic_axes[outputs[0]] = {0: "batch_size", 1: "sequence_length"}
     module = _keyword_wrapper(model, names, output_name, extra)
 
-    limit = _max_positions(model.config, max_length)
+    limit = max_positions(model.config, max_length)
     if example_inputs is not None:
         example = _as_tuple(example_inputs, names)
     else:
-        example = _text_inputs(tokenizer, model.config, names, list(_PARITY_TEXTS[:2]), limit, pad_to=16)[0]
+        example = text_inputs(tokenizer, model.config, names, list(PARITY_TEXTS[:2]), limit, pad_to=16)[0]
     parity = [
-        _text_inputs(
-            tokenizer, model.config, names, [_PARITY_TEXTS[1], _PARITY_TEXTS[2], _PARITY_TEXTS[3]], limit
+        text_inputs(
+            tokenizer, model.config, names, [PARITY_TEXTS[1], PARITY_TEXTS[2], PARITY_TEXTS[3]], limit
         ),
-        _text_inputs(tokenizer, model.config, names, [_PARITY_TEXTS[0]], limit),
+        text_inputs(tokenizer, model.config, names, [PARITY_TEXTS[0]], limit),
     ]
     return ExportSpec(
         module=module,
@@ -98,12 +98,12 @@ def transformers_spec(
     )
 
 
-def _max_positions(config, max_length: int | None) -> int:
+def max_positions(config, max_length: int | None) -> int:
     limit = getattr(config, "max_position_embeddings", None) or 512
     return min(limit, max_length) if max_length else min(limit, 128)
 
 
-def _text_inputs(tokenizer, config, names, texts, max_length, pad_to=None):
+def text_inputs(tokenizer, config, names, texts, max_length, pad_to=None):
     """Tokenized ``texts`` as a tuple ordered like ``names``, and the attention mask (numpy)."""
     torch = require("torch", "export")
     if tokenizer is not None:
