@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ortq.errors import ConfigError, ValidationFailed
-from ortq.report import Thresholds, ValidationReport, render_markdown
+from ortq.validate.report import Thresholds, ValidationReport, render_markdown
 
 
 def _row(name="cpu", cosine=0.995, sqnr=25.0, ratio=0.8, agreement=0.9, ppl=None):
