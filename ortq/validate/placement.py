@@ -47,20 +47,9 @@ __all__ = [
 # Kernels that compute MatMul/Gemm/Conv/attention projections on 8-bit integers.
 INTEGER_KERNELS = frozenset(
     {
-        "QLinearMatMul",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QGemm",
-        "QLinearConv",
-        "QLinearConvTranspose",
-        "ConvInteger",
-        "QAttention",
-        "QOrderedMatMul",
-        "QOrderedAttention",
-        "QOrderedLongformerAttention",
-        "DynamicQuantizeLSTM",
-        "QEmbedLayerNormalization",
+        "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QLinearConv",
+        "QLinearConvTranspose", "ConvInteger", "QAttention", "QOrderedMatMul", "QOrderedAttention",
+        "QOrderedLongformerAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization",
     }
 )
 # Weight-only low-bit kernels (int4/int8 weights; activations float, or int8 on CPU with accuracy_level 4).
@@ -72,17 +61,8 @@ FLOAT_MATMUL_KERNELS = frozenset(
 # Other integer element-wise kernels the CPU EP fuses QDQ groups into.
 QLINEAR_ELEMENTWISE = frozenset(
     {
-        "QLinearAdd",
-        "QLinearMul",
-        "QLinearSigmoid",
-        "QLinearLeakyRelu",
-        "QLinearSoftmax",
-        "QLinearConcat",
-        "QLinearWhere",
-        "QLinearAveragePool",
-        "QLinearGlobalAveragePool",
-        "QLinearReduceMean",
-        "QGemm",
+        "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearConcat",
+        "QLinearWhere", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearReduceMean", "QGemm",
     }
 )
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
