@@ -30,7 +30,7 @@ from ortq import AutoCalibrationConfig, AutoQuantizationConfig
 from ortq.data import load_batches, real_text
 from ortq.hostinfo import cpu_features
 from ortq.quantizer import ORTQuantizer
-from ortq.validate import topk_neighbour_agreement
+from ortq.validate.metrics import topk_neighbour_agreement
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results"

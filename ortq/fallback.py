@@ -9,7 +9,7 @@ never the held-out set the model is validated on.
 The search, with at most ``max_evaluations`` candidate models built and run:
 
 1. the all-int8 model; if it meets the budget, nothing stays in float;
-2. rank the quantized nodes by the error each one adds (:func:`ortq.analysis.layer_report`, lowest local
+2. rank the quantized nodes by the error each one adds (:func:`ortq.validate.layer_report`, lowest local
    SQNR first), then measure the gain of keeping each of the ``num_probes`` first ones alone in float and
    move the most useful to the front;
 3. keep the first k of that order in float for growing k (1, 2, 3, ... then doubling steps), and once a k
@@ -36,13 +36,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ortq.analysis import LayerReport, attention_mask_of, dequantized_weight, layer_report, sample_cosines
 from ortq.calibrators.base import TensorRange
 from ortq.config import QuantizationConfig
 from ortq.errors import ConfigError, ModelError
 from ortq.io import TOKENIZER_FILES, save_model
+from ortq.passes.grid import dequantized_weight
 from ortq.passes.insert_qdq import insert_qdq
 from ortq.passes.plan import QuantPlan, ensure_node_names, make_plan
+from ortq.runtime import attention_mask_of
+from ortq.validate import LayerReport, layer_report, sample_cosines
 
 logger = logging.getLogger(__name__)
 

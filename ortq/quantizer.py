@@ -331,7 +331,7 @@ class ORTQuantizer:
 
     def _write_layer_report(self, path: Path, data: Any) -> None:
         """Per-layer local / cumulative error and clip rates, saved beside the model."""
-        from ortq.analysis import layer_report
+        from ortq.validate import layer_report
 
         if data is None and self._calibration_batches is None:
             logger.warning("no data for the per-layer error report")

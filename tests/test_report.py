@@ -1,4 +1,4 @@
-"""ortq.report: thresholds, violations, atomic JSON/Markdown/PNG files, matplotlib optional."""
+"""ortq.validate.report: thresholds, violations, atomic JSON/Markdown/PNG files, matplotlib optional."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from ortq.errors import ConfigError, ValidationFailed
-from ortq.report import Thresholds, ValidationReport, render_markdown
+from ortq.validate.report import Thresholds, ValidationReport, render_markdown
 
 
 def _row(name="cpu", cosine=0.995, sqnr=25.0, ratio=0.8, agreement=0.9, ppl=None):
-    task = {"task": "embeddings", "metric": "top5_neighbour_agreement", "agreement": agreement, "output": "h"}
+    task = {"task": "feature-extraction", "metric": "top5_neighbour_agreement", "agreement": agreement, "output": "h"}
     if ppl is not None:
         task["perplexity_delta_pct"] = ppl
     return {
@@ -48,7 +48,7 @@ def _data(rows, thresholds=None):
         "schema_version": 1,
         "models": {"quantized": {"path": "q/model.onnx", "size_bytes": 25}, "reference": {"path": "f/model.onnx", "size_bytes": 90}},
         "data": {"source": "test", "num_samples": 8, "batch_size": 8, "num_batches": 1},
-        "task": "embeddings",
+        "task": "feature-extraction",
         "settings": {"intra_op_num_threads": 2, "inter_op_num_threads": 1, "warmup_runs": 3, "latency_runs": 10},
         "providers": rows,
         "thresholds": (thresholds or Thresholds()).to_dict(),

@@ -8,13 +8,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from ortq import analysis
-from ortq.analysis import ErrorStats, fake_quantize, layer_report, representable_range, sample_cosines
 from ortq.calibrators.base import TensorRange
-from ortq.config import QuantizationConfig, QuantType
+from ortq.config import QuantizationConfig
 from ortq.errors import MissingDependencyError, ModelError
+from ortq.passes.grid import dequantized_weight, fake_quantize
 from ortq.passes.insert_qdq import insert_qdq
-from ortq.passes.plan import QParams, activation_qparams, make_plan
+from ortq.passes.plan import make_plan
+from ortq.validate import layers
+from ortq.validate.layers import layer_report
 
 TWO_MATMULS = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -58,39 +59,6 @@ def _quantize(proto, ranges, config=None):
 
 def _batches(rng, n=3, rows=5):
     return [{"x": rng.standard_normal((rows, 8)).astype(np.float32)} for _ in range(n)]
-
-
-def test_fake_quantize_matches_onnx_runtime():
-    import onnxruntime as ort
-
-    qp = activation_qparams(TensorRange(-1.5, 2.5, 10), QuantType.QUInt8, symmetric=False)
-    m = onnx.parser.parse_model(
-        """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[N] x, float s, uint8 z) => (float[N] y) { q = QuantizeLinear(x, s, z)  y = DequantizeLinear(q, s, z) }"""
-    )
-    x = np.linspace(-3, 4, 1001).astype(np.float32)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    (ref,) = sess.run(None, {"x": x, "s": qp.scale, "z": qp.zero_point})
-    np.testing.assert_array_equal(fake_quantize(x, qp), ref)
-
-
-def test_representable_range_uint8_known_answer():
-    qp = QParams(np.array(2 / 255, np.float32), np.array(128, np.uint8), QuantType.QUInt8)
-    lo, hi = representable_range(qp)
-    assert lo == pytest.approx(-128 * 2 / 255) and hi == pytest.approx(127 * 2 / 255)
-
-
-def test_error_stats_and_sample_cosines():
-    s = ErrorStats()
-    s.update(np.array([3.0, 4.0]), np.array([3.0, 4.0]))
-    assert s.sqnr_db == math.inf and s.cosine == 1.0
-    s.update(np.array([0.0, 0.0]), np.array([1.0, 0.0]))  # signal 25, noise 1
-    assert s.sqnr_db == pytest.approx(10 * math.log10(25.0))
-    ref = np.array([[[1.0, 0.0], [5.0, 5.0]], [[0.0, 1.0], [0.0, 1.0]]])
-    test = np.array([[[1.0, 0.0], [-5.0, 9.0]], [[0.0, 1.0], [0.0, 1.0]]])
-    mask = np.array([[1, 0], [1, 1]])
-    assert sample_cosines(ref, test, mask) == pytest.approx([1.0, 1.0])  # the padded position is ignored
-    assert sample_cosines(ref, test)[0] < 0.9
 
 
 def test_exact_on_the_grid():
@@ -137,7 +105,7 @@ def test_local_error_matches_numpy_oracle():
     report = layer_report(proto, model, plan, [{"x": x}])
     w2 = onnx.numpy_helper.to_array(proto.graph.initializer[1])
     r = np.maximum(x @ onnx.numpy_helper.to_array(proto.graph.initializer[0]), 0)
-    got = fake_quantize(r, plan.activations["r"]) @ analysis.dequantized_weight(w2, plan.weights["w2"])
+    got = fake_quantize(r, plan.activations["r"]) @ dequantized_weight(w2, plan.weights["w2"])
     expected = 10 * math.log10(np.sum((r @ w2) ** 2) / np.sum((r @ w2 - got) ** 2))
     assert report.layers[1].local_sqnr_db == pytest.approx(expected, abs=0.01)
 
@@ -190,7 +158,7 @@ def test_save_without_matplotlib_skips_png(tmp_path, monkeypatch):
     def missing(*args, **kwargs):
         raise MissingDependencyError("matplotlib is required")
 
-    monkeypatch.setattr(analysis.LayerReport, "plot", missing)
+    monkeypatch.setattr(layers.LayerReport, "plot", missing)
     written = report.save(tmp_path)
     assert "png" not in written and not (tmp_path / "layer_report.png").exists()
     assert any("matplotlib" in n for n in json.loads((tmp_path / "layer_report.json").read_text())["notes"])

@@ -18,6 +18,7 @@ batches; positions of padding tokens are left out when the attention mask lines 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -34,169 +35,28 @@ import onnx_ir as ir
 
 from ortq.errors import CalibrationDataError, MissingDependencyError, ModelError
 from ortq.io import load_model, write_text_atomic
-from ortq.passes.plan import QParams, QuantPlan, ensure_node_names, quantize_weight
+from ortq.passes.grid import dequantized_weight, fake_quantize, saturated_count
+from ortq.passes.plan import QParams, QuantPlan, ensure_node_names
+from ortq.runtime import SessionSettings, attention_mask_of, batch_size_of, create_session, run_batches
+from ortq.validate.metrics import ErrorStats, masked, sample_cosines
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["LayerReport", "LayerStats", "layer_report"]
 
 REPORT_JSON = "layer_report.json"
 REPORT_MD = "layer_report.md"
 REPORT_PNG = "layer_report.png"
 
-# Above this size a model is handed to ONNX Runtime as a file instead of bytes.
-_INLINE_LIMIT = 1_800_000_000
 
-
-# ------------------------------------------------------------------------------------------------ numerics
-
-
-def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """QuantizeLinear followed by DequantizeLinear, as ONNX defines them (round half to even, saturate)."""
-    qmin, qmax = qp.dtype.qrange
-    scale, zp = qp.scale.astype(np.float32), qp.zero_point.astype(np.float32)
-    if qp.axis is not None and scale.size > 1:
-        shape = [1] * x.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    q = np.clip(np.rint(x.astype(np.float32) / scale) + zp, qmin, qmax)
-    return ((q - zp) * scale).astype(np.float32)
-
-
-def dequantized_weight(weight: np.ndarray, qp: QParams) -> np.ndarray:
-    """The float values a DequantizeLinear of the plan's int8 weight produces."""
-    q = quantize_weight(weight, qp).astype(np.float32)
-    scale, zp = qp.scale.astype(np.float32), qp.zero_point.astype(np.float32)
-    if qp.axis is not None and scale.size > 1:
-        shape = [1] * weight.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((q - zp) * scale).astype(np.float32)
-
-
-def representable_range(qp: QParams) -> tuple[float, float]:
-    """The smallest and largest float an activation quantized with ``qp`` can hold."""
-    qmin, qmax = qp.dtype.qrange
-    scale, zp = float(qp.scale.ravel()[0]), float(qp.zero_point.ravel()[0])
-    return (qmin - zp) * scale, (qmax - zp) * scale
-
-
-def saturated_count(x: np.ndarray, qp: QParams) -> int:
-    """How many values of ``x`` saturate: their integer before clipping lies outside the type's range (a value
-    less than half a step past the representable range only rounds, it does not clip)."""
-    qmin, qmax = qp.dtype.qrange
-    q = np.rint(np.asarray(x, dtype=np.float32) / qp.scale.astype(np.float32).ravel()[0])
-    q += np.float32(qp.zero_point.ravel()[0])
-    return int(np.count_nonzero((q < qmin) | (q > qmax)))
-
-
-@dataclass
-class ErrorStats:
-    """Streaming SQNR and cosine between a reference and a test tensor (sums in float64)."""
-
-    signal: float = 0.0
-    noise: float = 0.0
-    dot: float = 0.0
-    test_energy: float = 0.0
-    count: int = 0
-
-    def update(self, reference: np.ndarray, test: np.ndarray) -> None:
-        r = np.asarray(reference, dtype=np.float64).ravel()
-        t = np.asarray(test, dtype=np.float64).ravel()
-        if r.shape != t.shape:
-            raise ModelError(f"reference and test shapes differ: {np.shape(reference)} vs {np.shape(test)}")
-        d = r - t
-        self.signal += float(r @ r)
-        self.noise += float(d @ d)
-        self.dot += float(r @ t)
-        self.test_energy += float(t @ t)
-        self.count += int(r.size)
-
-    @property
-    def sqnr_db(self) -> float:
-        if self.noise == 0.0:
-            return math.inf
-        if self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
-
-    @property
-    def cosine(self) -> float:
-        if self.signal == 0.0 and self.test_energy == 0.0:
-            return 1.0
-        if self.signal == 0.0 or self.test_energy == 0.0:
-            return 0.0
-        return float(np.clip(self.dot / math.sqrt(self.signal * self.test_energy), -1.0, 1.0))
-
-
-def sample_cosines(reference: np.ndarray, test: np.ndarray, mask: np.ndarray | None = None) -> list[float]:
-    """Cosine of each sample (first axis), over its unpadded positions when ``mask`` fits ``[batch, seq]``."""
-    ref, tst = np.asarray(reference), np.asarray(test)
-    if ref.ndim == 0:
-        ref, tst = ref.reshape(1), tst.reshape(1)
-    mask = _fitting_mask(ref, mask)
-    out = []
-    for i in range(ref.shape[0]):
-        r = np.asarray(ref[i] if mask is None else ref[i][mask[i]], dtype=np.float32).ravel()
-        t = np.asarray(tst[i] if mask is None else tst[i][mask[i]], dtype=np.float32).ravel()
-        if r.size == 0:
-            continue
-        # float32 products, float64 sums (np.dot would accumulate in float32)
-        rr = float(np.sum(r * r, dtype=np.float64))
-        tt = float(np.sum(t * t, dtype=np.float64))
-        rt = float(np.sum(r * t, dtype=np.float64))
-        if rr == 0.0 and tt == 0.0:
-            out.append(1.0)
-        elif rr == 0.0 or tt == 0.0:
-            out.append(0.0)
-        else:
-            out.append(float(np.clip(rt / math.sqrt(rr * tt), -1.0, 1.0)))
-    return out
-
-
-def _fitting_mask(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-    if mask is None or np.ndim(array) < 2 or tuple(np.shape(array)[:2]) != tuple(np.shape(mask)):
-        return None
-    return np.asarray(mask).astype(bool)
-
-
-def _masked(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The unpadded positions of ``array`` (all of it when the mask does not line up)."""
-    m = _fitting_mask(array, mask)
-    return np.asarray(array) if m is None else np.asarray(array)[m]
-
-
-def attention_mask_of(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The 2-D padding mask of a feed (an input named like ``attention_mask``), if any."""
-    for name, value in feed.items():
-        if "mask" in name.lower() and np.ndim(value) == 2:
-            return np.asarray(value)
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ sessions
-
-
-def _session(model: onnx.ModelProto, threads: int, work_dir: str | None = None, name: str = "model.onnx"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        if model.ByteSize() < _INLINE_LIMIT or work_dir is None:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        from ortq.io import save_model
-
-        path = os.path.join(work_dir, name)
-        save_model(model, path)
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"onnxruntime cannot load the model for the layer report ({msg})") from exc
+def _session(model: onnx.ModelProto, threads: int):
+    """A CPU session for the report (in-memory models over the protobuf limit are handled by the runtime)."""
+    return create_session(model, settings=SessionSettings(threads=threads), what="the model for the layer report")
 
 
 def _with_outputs(model: ir.Model, names: Iterable[str]) -> onnx.ModelProto:
-    """``model`` as a proto with the values called ``names`` added as graph outputs (graph inputs skipped)."""
+    """``model`` as a proto with the values called ``names`` added as typed graph outputs (graph inputs and
+    names no node produces are skipped)."""
     values = {v.name: v for n in model.graph for v in n.outputs if v is not None}
     present = {v.name for v in model.graph.outputs}
     proto = ir.to_proto(model)
@@ -216,14 +76,6 @@ def _as_ir(model: onnx.ModelProto | ir.Model | str | os.PathLike) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         return ir.from_proto(model)
     return ir.from_proto(load_model(model))
-
-
-def _feed_for(session, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    missing = [n for n in names if n not in feed]
-    if missing:
-        raise CalibrationDataError(f"the batches lack graph input(s): {', '.join(missing)}")
-    return {n: feed[n] for n in names}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -506,24 +358,27 @@ def layer_report(
     output_stats = {n: ErrorStats() for n in compare_outputs}
     output_cos: dict[str, list[float]] = {n: [] for n in compare_outputs}
     num_samples = 0
-    for b, feed in enumerate(batches):
-        if max_batches is not None and b >= max_batches:
-            break
+    # Both models walk the same batches in step; tee keeps at most one batch between the two.
+    fp32_batches, quant_batches = itertools.tee(itertools.islice(batches, max_batches))
+    runs = zip(
+        run_batches(fp32_sess, fp32_batches, fp32_fetch_names, what="the fp32 model"),
+        run_batches(quant_sess, quant_batches, q_fetch_names, what="the quantized model"),
+        strict=True,
+    )
+    for (feed, ref), (_, tst) in runs:
         mask = attention_mask_of(feed)
-        ref = dict(zip(fp32_fetch_names, fp32_sess.run(fp32_fetch_names, _feed_for(fp32_sess, feed)), strict=True))
-        tst = dict(zip(q_fetch_names, quant_sess.run(q_fetch_names, _feed_for(quant_sess, feed)), strict=True))
         values = {**feed, **ref}
-        num_samples += int(np.shape(next(iter(feed.values())))[0]) if feed else 0
+        num_samples += batch_size_of(feed) if feed else 0
         for i, (node, ln) in enumerate(zip(nodes, locals_, strict=True)):
             out = node.outputs[0].name
-            local_stats[i].update(_masked(ref[out], mask), _masked(ln.run(values), mask))
-            cumulative[i].update(_masked(ref[out], mask), _masked(tst[out], mask))
+            local_stats[i].update(masked(ref[out], mask), masked(ln.run(values), mask))
+            cumulative[i].update(masked(ref[out], mask), masked(tst[out], mask))
         for name in act_names:
-            x = _masked(values[name], mask)
+            x = masked(values[name], mask)
             clipped[name] += saturated_count(x, plan.activations[name])
             seen[name] += int(x.size)
         for name in compare_outputs:
-            output_stats[name].update(_masked(ref[name], mask), _masked(tst[name], mask))
+            output_stats[name].update(masked(ref[name], mask), masked(tst[name], mask))
             output_cos[name].extend(sample_cosines(ref[name], tst[name], mask))
     if num_samples == 0:
         raise CalibrationDataError("layer_report got no batches")
