@@ -1,4 +1,4 @@
-"""The ``ortq`` command: export | quantize | validate | run.
+"""The ``ortq`` command: export | quantize | validate | generate | run.
 
 Every error a user can cause ends in one line, ``error: ...``, and a non-zero exit; ``--debug`` shows the
 traceback. SIGINT and SIGTERM stop the run without leaving outputs or temporary files behind.
@@ -221,6 +221,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ortq.generate import Generator, SamplingConfig
+
+    sampling = SamplingConfig(
+        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    generator = Generator(args.model, provider=args.provider, threads=args.threads, engine=args.engine)
+    result = generator.generate(args.prompt, args.max_new_tokens, sampling)
+    print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
+    prefill, decode = result.prefill_tokens_per_s, result.decode_tokens_per_s
+    print(
+        f"{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} new ({result.engine}): prefill "
+        f"{prefill:.1f} tokens/s, decode " + (f"{decode:.1f} tokens/s" if decode else "-"),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ortq.pipeline import run_recipe
 
@@ -339,6 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model (0: skip latency)")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")
+    p.add_argument("model", help="an exported or quantized causal-lm folder (or its .onnx file)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate at most (default 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=int, help="random seed of the sampler")
+    p.add_argument("--engine", choices=["ort", "genai"], default="ort",
+                   help="ort: ortq's loop on ONNX Runtime; genai: onnxruntime-genai (pip install 'ortq[llm]')")
+    p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (ort engine)")
+    p.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("run", help="export -> quantize -> validate a recipe from graphs/")
     p.add_argument(

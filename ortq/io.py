@@ -226,6 +226,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "config.json",
     "generation_config.json",
+    "genai_config.json",
 )
 
 

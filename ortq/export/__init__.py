@@ -26,6 +26,7 @@ import onnx
 from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
 from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
 from ortq.export.decoder import decoder_spec
+from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
@@ -174,6 +175,19 @@ def export(
             max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
         if config is not None:
             save_side_files(config, tokenizer, hf_model, tmp)
+        if spec.kv_cache is not None:
+            layers, heads, head_dim = spec.kv_cache
+            write_genai_config(
+                tmp,
+                genai_config(
+                    config,
+                    getattr(hf_model, "generation_config", None),
+                    num_layers=layers,
+                    kv_heads=heads,
+                    head_dim=head_dim,
+                    context_length=spec.context_length or max_positions(config, max_length),
+                ),
+            )
         files = tuple(sorted(p.name for p in tmp.iterdir()))
         num_params = sum(p.numel() for p in spec.module.parameters())
 

@@ -146,4 +146,6 @@ def decoder_spec(model: Any, tokenizer: Any, max_length: int) -> ExportSpec:
         example=example,
         parity=[p[0] for p in parity],
         masks=[p[1] for p in parity],
+        kv_cache=(layers, heads, head_dim),
+        context_length=int(getattr(model.config, "max_position_embeddings", 0) or 0) or None,
     )

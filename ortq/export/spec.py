@@ -35,6 +35,8 @@ class ExportSpec:
     example: tuple[Any, ...]
     parity: list[tuple[Any, ...]]  # input tuples for the parity check
     masks: list[Any]  # attention masks of the parity inputs (None: compare every position)
+    kv_cache: tuple[int, int, int] | None = None  # (layers, kv_heads, head_dim) of a decoder with past
+    context_length: int | None = None  # the longest sequence the model was trained for
 
 
 def _keyword_wrapper(model: Any, input_names: Sequence[str], output_name: str, extra: Mapping[str, Any]):
