@@ -315,3 +315,28 @@ def test_smollm2_export_parity(smollm2_gguf, tmp_out):
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert (tmp_out / "tokenizer.json").is_file()
     onnx.checker.check_model(str(result.model_path))
+
+
+def test_deberta_without_token_types_exports_the_inputs_it_reads(tmp_path):
+    from conftest import _save_source, _tokenizer
+
+    tok = _tokenizer()
+    config = transformers.DebertaV2Config(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        type_vocab_size=0, max_position_embeddings=128, relative_attention=True, position_biased_input=False,
+        pos_att_type=["p2c", "c2p"],
+    )
+    config.architectures = ["DebertaV2Model"]
+    torch.manual_seed(0)
+    src = _save_source(transformers.DebertaV2Model(config).eval(), tok, tmp_path / "src")
+    result = export(src, tmp_path / "onnx")
+    assert result.input_names == ("input_ids", "attention_mask")
+    assert result.max_rel_diff < 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+
+
+def test_a_task_whose_head_would_be_random_is_refused(tiny_bert_src, tmp_out):
+    with pytest.raises(ExportError, match=r"no weights for .* of task causal-lm .* would be random.*feature-extraction"):
+        export(tiny_bert_src, tmp_out, task="causal-lm")
+    assert not tmp_out.exists()

@@ -157,6 +157,11 @@ def export(
         used = convert(spec, model_path, opset, exporter)
         export_seconds = time.perf_counter() - t0
         proto = onnx.load(str(model_path), load_external_data=True)
+        initializers = {t.name for t in proto.graph.initializer}
+        graph_inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
+        unused = [n for n in spec.input_names if n not in graph_inputs]
+        if unused:
+            logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
         drop_weight_identities(proto)
         tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
         set_metadata(proto, spec.task, max_length, used, tied)
@@ -205,7 +210,7 @@ def export(
         model_path=out / MODEL_FILENAME,
         task=spec.task,
         opset=opset,
-        input_names=tuple(spec.input_names),
+        input_names=graph_inputs,
         output_names=tuple(spec.output_names),
         exporter=used,
         max_abs_diff=max_abs,

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ortq import progress
 from ortq.errors import ExportError, first_line, require
 from ortq.tasks import TASK_SPECS, task_from_config
 
@@ -68,6 +69,8 @@ def load_transformers(source: Any, task: str | None):
     else:
         raise ExportError(f"{source}: no such model folder or file")
 
+    if not progress.enabled():  # transformers' own bars follow ortq's: a terminal only, never with --quiet
+        transformers.utils.logging.disable_progress_bar()
     with _offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -88,13 +91,26 @@ def load_transformers(source: Any, task: str | None):
             # MatMul-Softmax-MatMul wrapped in IsNaN/Where guards per layer; eager gives the plain
             # MatMul -> Add(mask) -> Softmax -> MatMul chain, which QDQ insertion and ORT's attention
             # fusions recognise. Both are numerically identical here (max abs diff ~3e-6 on MiniLM).
-            model = auto_cls.from_pretrained(
-                location, config=config, attn_implementation="eager", dtype=torch.float32, **kwargs
+            model, info = auto_cls.from_pretrained(
+                location,
+                config=config,
+                attn_implementation="eager",
+                dtype=torch.float32,
+                output_loading_info=True,
+                **kwargs,
             )
         except Exception as exc:
             raise ExportError(
                 f"{source}: cannot load as {TASK_SPECS[task].auto_class} for task {task} ({first_line(exc)})"
             ) from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            # A head the checkpoint has no weights for is initialised at random: the export would be noise.
+            raise ExportError(
+                f"{source}: the checkpoint has no weights for {len(missing)} tensor(s) of task {task} "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): they would be random; "
+                f"choose the task the model was trained for (its config says {task_from_config(config)})"
+            )
         tokenizer = None
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
