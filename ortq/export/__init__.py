@@ -25,6 +25,7 @@ import onnx
 
 from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
 from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
+from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
@@ -144,7 +145,7 @@ def export(
         else:
             hf_model, tokenizer, config, task = load_transformers(model, task)
         task = task or task_from_config(config)
-        if TASK_SPECS[task].with_past and example_inputs is None and input_names is None:
+        if TASK_SPECS[task].with_past and example_inputs is None and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
             spec = decoder_spec(hf_model, tokenizer, max_positions(config, max_length))
         else:
             spec = transformers_spec(
