@@ -214,6 +214,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
     )
     print(report.to_markdown())
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not report.ok:
         for v in report.violations:
             print(f"error: {v}", file=sys.stderr)

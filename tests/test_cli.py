@@ -83,3 +83,27 @@ def test_accuracy_budget_and_error_report(tiny_bert_dir, tmp_path, capsys):
     assert main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out2), "--error-report", "--num-samples", "32"]) == 0
     layers = json.loads((out2 / "layer_report.json").read_text())
     assert layers and (out2 / "layer_report.md").exists()
+
+
+def test_validate_fails_when_no_requested_provider_ran(tiny_bert_dir, tmp_path, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    out = tmp_path / "int8"
+    assert main(["-q", "quantize", str(tiny_bert_dir), "-o", str(out), "--num-samples", "16"]) == 0
+    capsys.readouterr()
+    code = main(["validate", str(out), "--reference", str(tiny_bert_dir), "--providers", "cuda",
+                 "--num-samples", "8", "--latency-runs", "0"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "**FAIL**" in captured.out
+    assert "error: no requested provider ran, so nothing was validated (cuda:" in captured.err
+
+
+def test_validate_against_a_different_model_fails(tiny_bert_dir, tiny_bert_classifier_dir, tmp_path, capsys):
+    # Same inputs, different weights and head: the reference is not the model this one came from.
+    code = main(["validate", str(tiny_bert_classifier_dir), "--reference", str(tiny_bert_dir), "--num-samples", "8",
+                 "--latency-runs", "0", "--task", "none"])
+    assert code != 0
+    assert "error:" in capsys.readouterr().err

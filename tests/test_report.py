@@ -93,8 +93,35 @@ def test_violations_name_provider_figure_and_limit():
 def test_passing_thresholds_and_no_provider_ran():
     assert ValidationReport(_data([_row()], Thresholds(min_cosine=0.99, max_latency_ratio=1.0))).ok
     r = ValidationReport(_data([SKIPPED], Thresholds(min_cosine=0.99)))
-    assert r.violations == ["no provider ran, so no threshold could be checked"]
-    assert ValidationReport(_data([SKIPPED])).ok  # nothing asked, nothing violated
+    assert r.violations == ["no requested provider ran, so nothing was validated (cuda: no GPU)"]
+    # Nothing asked is no excuse: a validation that ran nowhere does not pass.
+    bare = ValidationReport(_data([SKIPPED]))
+    assert not bare.ok and "FAIL" in bare.to_markdown() and "PASS" not in bare.to_markdown()
+
+
+def test_a_different_model_fails_the_sanity_floor_by_default():
+    row = _row()
+    row["fidelity"]["cosine"] = -0.03
+    report = ValidationReport(_data([row]))
+    assert not report.ok
+    assert report.violations[0].startswith("cpu: cosine -0.0300 is below the sanity floor 0.9")
+    assert ValidationReport(_data([row], Thresholds(cosine_floor=None))).ok
+
+
+def test_a_quantized_model_without_integer_kernels_is_flagged():
+    row = _row()
+    row["placement"] = {"quantized": {"integer_kernels": {}, "nbits_kernels": {}, "flops": {"int8_fraction": 0.0}}}
+    data = _data([row])
+    data["models"] = {"quantized": {"op_types": {"QuantizeLinear": 4, "DequantizeLinear": 8, "Conv": 2}}}
+    report = ValidationReport(data)
+    assert report.ok  # a warning, not a violation
+    assert report.warnings == [
+        "cpu: the quantized model runs no integer or low-bit kernel: every quantized node is emulated in float "
+        "(QuantizeLinear/DequantizeLinear around float ops), so it is not int8 here"
+    ]
+    assert "**WARNING**" in report.to_markdown()
+    row["placement"]["quantized"]["integer_kernels"] = {"QLinearConv": 2}
+    assert ValidationReport(_data([row]) | {"models": data["models"]}).warnings == []
 
 
 def test_save_writes_three_files_atomically(tmp_path):

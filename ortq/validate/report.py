@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
+# Mean output cosine below which a "quantized" model is not an approximation of its reference at all.
+DEFAULT_COSINE_FLOOR = 0.9
+# Op types that mark a model as quantized (QDQ pairs, integer or low-bit kernels).
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized", "QLinearConv", "QLinearMatMul",
+     "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class Thresholds:
         max_abs_error: highest acceptable max absolute error of the primary output.
         min_task_agreement: lowest acceptable task-level agreement (top-k neighbours, argmax, next token).
         max_perplexity_delta_pct: highest acceptable perplexity increase, in percent (language models).
+        cosine_floor: a sanity floor on the mean cosine, checked by default: below it the two models do not
+            compute the same function (a wrong reference, a broken model), whatever else was asked. None: off.
     """
 
     min_cosine: float | None = None
@@ -47,6 +56,7 @@ class Thresholds:
     max_abs_error: float | None = None
     min_task_agreement: float | None = None
     max_perplexity_delta_pct: float | None = None
+    cosine_floor: float | None = DEFAULT_COSINE_FLOOR
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -66,7 +76,8 @@ class Thresholds:
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+        """Whether a limit beyond the default sanity floor is set."""
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "cosine_floor")
 
     def to_dict(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
@@ -83,14 +94,22 @@ class Thresholds:
     def check(self, report: dict[str, Any]) -> list[str]:
         """Every violation, one line each, naming the provider, the figure and the limit."""
         out: list[str] = []
-        ran = [p for p in report.get("providers", []) if p.get("status") == "ok"]
-        if self.active and not ran:
-            out.append("no provider ran, so no threshold could be checked")
+        providers = report.get("providers", [])
+        ran = [p for p in providers if p.get("status") == "ok"]
+        if providers and not ran:
+            reasons = "; ".join(f"{p.get('name')}: {p.get('reason') or p.get('status')}" for p in providers)
+            out.append(f"no requested provider ran, so nothing was validated ({reasons})")
         for p in ran:
             name = p.get("name")
             fid = p.get("fidelity") or {}
             lat = p.get("latency") or {}
             task = p.get("task") or {}
+            cosine = fid.get("cosine")
+            if self.cosine_floor is not None and cosine is not None and not cosine >= self.cosine_floor:
+                out.append(
+                    f"{name}: cosine {cosine:.4f} is below the sanity floor {self.cosine_floor}: the two models do "
+                    "not compute the same function (is the reference the model this one was quantized from?)"
+                )
             out += _check_min(name, "cosine", fid.get("cosine"), self.min_cosine, "--min-cosine", ".5f")
             out += _check_min(name, "SQNR", fid.get("sqnr_db"), self.min_sqnr_db, "--min-sqnr", ".2f", " dB")
             out += _check_max(name, "max abs error", fid.get("max_abs_error"), self.max_abs_error, "--max-abs-error", ".4g")
@@ -157,6 +176,26 @@ def _unjson(obj: Any) -> Any:
     return obj
 
 
+def kernel_warnings(report: dict[str, Any]) -> list[str]:
+    """A warning per provider on which a quantized model ran no integer or low-bit kernel at all: its
+    quantization is emulated in float, so it is no smaller in compute and usually slower than fp32."""
+    ops = set((report.get("models", {}).get("quantized", {}) or {}).get("op_types", {}))
+    if not ops & QUANTIZED_OPS:
+        return []
+    out = []
+    for p in report.get("providers", []):
+        placed = (p.get("placement") or {}).get("quantized")
+        if p.get("status") != "ok" or not placed or placed.get("error"):
+            continue
+        opaque = (placed.get("flops") or {}).get("int8_fraction") is None and p.get("name") == "tensorrt"
+        if not opaque and not placed.get("integer_kernels") and not placed.get("nbits_kernels"):
+            out.append(
+                f"{p.get('name')}: the quantized model runs no integer or low-bit kernel: every quantized node is "
+                "emulated in float (QuantizeLinear/DequantizeLinear around float ops), so it is not int8 here"
+            )
+    return out
+
+
 class ValidationReport:
     """The result of :func:`ortq.validate.validate`: a dict (``to_dict()``) plus renderings and the verdict."""
 
@@ -164,6 +203,7 @@ class ValidationReport:
         self._data = data
         self._data.setdefault("thresholds", Thresholds().to_dict())
         self._data["violations"] = self.thresholds.check(self._data)
+        self._data["warnings"] = kernel_warnings(self._data)
         self._data["ok"] = not self._data["violations"]
         self._data.setdefault("artifacts", {})
 
@@ -178,6 +218,10 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self._data["violations"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._data.get("warnings", []))
 
     @property
     def providers(self) -> list[dict[str, Any]]:
@@ -307,6 +351,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("violations"):
         lines.append("Violations:")
         lines += [f"- {_esc(v)}" for v in data["violations"]]
+        lines.append("")
+    if data.get("warnings"):
+        lines += [f"**WARNING**: {_esc(w)}" for w in data["warnings"]]
         lines.append("")
     if q.get("size_bytes") and r.get("size_bytes"):
         lines.append(
