@@ -160,3 +160,17 @@ def test_png_skipped_without_matplotlib(tmp_path, monkeypatch):
     d = json.loads((tmp_path / "report.json").read_text())
     assert d["artifacts"]["png"] is None and "matplotlib" in d["artifacts"]["png_skipped_reason"]
     assert "report.png skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_picture_headline_says_the_verdict_in_words():
+    from ortq.validate.picture import headline, render_png
+
+    data = _data([_row()])
+    data["models"] = {"quantized": {"size_bytes": 25e6}, "reference": {"size_bytes": 90e6}}
+    report = ValidationReport(data)
+    line = headline(report.to_dict())
+    assert line.startswith("PASS — cpu: cosine 0.9950 (worst")
+    assert "3.6x smaller" in line
+    png = render_png(report.to_dict())
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert headline(ValidationReport(_data([SKIPPED])).to_dict()) == "FAIL — no provider ran"

@@ -1,4 +1,4 @@
-"""The validation report: thresholds, violations, and its JSON / Markdown / PNG renderings.
+"""The validation report: thresholds, violations, and its JSON / Markdown renderings (PNG: :mod:`ortq.validate.picture`).
 
 A :class:`ValidationReport` wraps the plain dict documented in ``docs/report-schema.md``; it can be rebuilt
 from ``report.json`` with :meth:`ValidationReport.load` and re-rendered. matplotlib is optional: without it
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ortq.errors import ConfigError, MissingDependencyError, OutputError, ValidationFailed
+from ortq.validate.picture import render_png
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class ValidationReport:
         artifacts: dict[str, Any] = {"json": REPORT_JSON, "md": REPORT_MD, "png": None, "png_skipped_reason": None}
         if png:
             try:
-                render_png(self._data, out / REPORT_PNG)
+                _write_atomic(out / REPORT_PNG, render_png(self._data))
                 artifacts["png"] = REPORT_PNG
             except MissingDependencyError as exc:
                 artifacts["png_skipped_reason"] = f"matplotlib is not installed ({exc})"
@@ -519,83 +520,3 @@ def _host_section(h: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- png
-
-
-def render_png(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Latency bars (fp32 vs quantized median with p90 whiskers) and fidelity (cosine, SQNR) per provider.
-
-    Raises:
-        MissingDependencyError: matplotlib is not installed.
-    """
-    from ortq.errors import require
-
-    matplotlib = require("matplotlib", "plot")
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    provs = data.get("providers", [])
-    names = [p.get("name", "?") for p in provs]
-    fig = Figure(figsize=(11, 4.2), dpi=110)
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    x = list(range(len(provs)))
-    w = 0.38
-    for i, p in enumerate(provs):
-        if p.get("status") != "ok":
-            for ax in (ax1, ax2, ax3):
-                ax.text(i, 0.5, "skipped", ha="center", va="center", rotation=90, color="gray",
-                        transform=ax.get_xaxis_transform())
-            continue
-        lat = p.get("latency") or {}
-        lr, lq = lat.get("reference") or {}, lat.get("quantized") or {}
-        if lr and lq:
-            for off, s, color, label in ((-w / 2, lr, "#8c8c8c", "fp32"), (w / 2, lq, "#2c7fb8", "quantized")):
-                med, p90 = s.get("median_ms"), s.get("p90_ms")
-                ax1.bar(i + off, med, w, color=color, label=label if i == _first_ok(provs) else None,
-                        yerr=[[0], [max(0.0, (p90 or med) - med)]], capsize=3)
-            top = max(lr.get("p90_ms") or 0.0, lq.get("p90_ms") or 0.0, lr["median_ms"], lq["median_ms"])
-            ax1.text(i, top * 1.02, f"×{lat.get('ratio', 0):.2f}",
-                     ha="center", va="bottom", fontsize=8)
-        fid = p.get("fidelity") or {}
-        cm, cmin = fid.get("cosine"), fid.get("cosine_min")
-        if cm is not None:
-            ax2.bar(i - w / 2, cm, w, color="#41ab5d", label="mean" if i == _first_ok(provs) else None)
-            ax2.bar(i + w / 2, cmin, w, color="#fd8d3c", label="worst sample" if i == _first_ok(provs) else None)
-        sq = fid.get("sqnr_db")
-        if isinstance(sq, (int, float)) and math.isfinite(sq):
-            ax3.bar(i, sq, 0.5, color="#756bb1")
-            ax3.text(i, sq, f"{sq:.1f}", ha="center", va="bottom", fontsize=8)
-    ax1.set_title("latency (median, p90 whisker)")
-    ax1.set_ylabel("ms per batch")
-    ax2.set_title("cosine vs fp32")
-    vals = [v for p in provs for v in ((p.get("fidelity") or {}).get("cosine_min"),) if isinstance(v, (int, float))]
-    if vals:
-        lo = min(vals)
-        ax2.set_ylim(max(-1.0, lo - (1 - lo) * 0.5 - 1e-4), 1.0 + (1 - lo) * 0.05 + 1e-5)
-    ax3.set_title("SQNR (dB)")
-    for ax in (ax1, ax2, ax3):
-        ax.set_xlim(-0.6, len(provs) - 0.4)
-        ax.set_xticks(x)
-        ax.set_xticklabels(names)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right" if ax is ax2 else "best")
-    fig.suptitle(f"ortq validation — task {data.get('task')}, {data.get('data', {}).get('num_samples')} samples, "
-                 f"{data.get('settings', {}).get('intra_op_num_threads')} threads", fontsize=10)
-    fig.tight_layout()
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".png", dir=p.parent)
-    os.close(fd)
-    try:
-        _chmod_default(tmp)
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _first_ok(provs: list[dict[str, Any]]) -> int:
-    for i, p in enumerate(provs):
-        if p.get("status") == "ok":
-            return i
-    return -1
