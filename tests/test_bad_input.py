@@ -622,12 +622,12 @@ def test_debug_flag_shows_the_traceback(ctx):
 
 def test_internal_errors_are_one_line_too(ctx, capfd, monkeypatch):
     """A bug (any non-ortq exception) still ends in one line, pointing at --debug."""
-    import ortq.quantizer as quantizer_module
+    import ortq.quantize_steps as steps_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("unexpected\nsecond line")
 
-    monkeypatch.setattr(quantizer_module, "make_plan", boom)
+    monkeypatch.setattr(steps_module, "make_plan", boom)
     code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal], capfd)
     assert_one_line_error(code, err, r"internal error \(RuntimeError: unexpected\); rerun with --debug")
     assert not ctx.out.exists() and _leftovers(ctx) == []

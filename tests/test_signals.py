@@ -76,7 +76,8 @@ def _run_and_signal(src: Path, outdir: Path, tmpdir: Path, sig: int) -> tuple[in
             if not chunk:
                 break
             chunks.append(chunk)
-            if b"calibrating" in b"".join(chunks[-3:]) and b"batch/s]" in chunk:  # the bar has moved
+            # No progress bar on a pipe: the log line that calibration starts (4000 batches of 1 take ~1 s).
+            if b"calibrating (" in b"".join(chunks[-3:]):
                 started.set()
 
     t = threading.Thread(target=reader, daemon=True)

@@ -262,6 +262,8 @@ class RangeCollector:
         session = self._session_for_run()
         fetch = [o for name in self.tensor_names for o in self._outputs[name]]
         desc = f"calibrating ({self.config.method.value})" if show_progress else None
+        logger.info("calibrating (%s) %d tensors%s", self.config.method.value, len(self.tensor_names),
+                    f" on {total} batches" if total is not None else "")
         for batch, outs in run_batches(session, batches, fetch, desc=desc, total=total, what="a calibration batch"):
             # The mask is read from the batch even when the graph does not take it as an input.
             mask = batch.get("attention_mask") if self.config.exclude_padding else None

@@ -3,7 +3,8 @@
 The model (an ``onnx_ir.Model``) is serialized once, for ONNX Runtime only: written to a temporary folder
 with its weights as external data (tensor by tensor, never a second in-memory copy of all of them), the
 additions (extra nodes and outputs, a ``ModelProto`` holding only them) appended to the protobuf file, which
-protobuf merges on parsing. The folder lives as long as the session (ONNX Runtime may map the data file).
+protobuf merges on parsing. The folder is removed once the session is created (on POSIX a data file ONNX
+Runtime mapped stays valid once unlinked; elsewhere the folder lives as long as the session).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def observed_session(
     except BaseException:
         tmp.cleanup()
         raise
-    session._ortq_tmp = tmp  # the external data may be memory-mapped: the folder lives with the session
+    if os.name == "posix":
+        tmp.cleanup()  # the session has read the files; a mapped data file stays valid once unlinked
+    else:
+        session._ortq_tmp = tmp  # a mapped file cannot be removed here: the folder lives with the session
     return session
 
 
