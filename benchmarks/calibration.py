@@ -175,7 +175,6 @@ def fidelity(
     """Held-out cosine of the model quantized with ``ranges`` (host preset, SmoothQuant off), or, with
     ``ranges=None``, calibrated on ``texts`` with ``method`` by the full host preset (SmoothQuant included)."""
     import numpy as np
-    import onnx_ir as ir
     import onnxruntime as ort
 
     from ortq.calibrators import TensorRange
@@ -190,7 +189,7 @@ def fidelity(
         kwargs = {"calibration_data": texts, "calibration_config": CalibrationConfig(method=method)}
     else:
         qconfig = AutoQuantizationConfig.for_host(smooth_quant_alpha=None)
-        targets = calibration_targets(ir.from_proto(q.proto), qconfig)
+        targets = calibration_targets(q.model, qconfig)
         missing = [t for t in targets if t not in ranges]
         if missing:
             return {"error": f"{len(missing)} activations without a range (e.g. {missing[0]})"}

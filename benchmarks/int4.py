@@ -30,7 +30,8 @@ import onnxruntime as ort
 from ortq.config import WeightOnlyConfig
 from ortq.data import real_text
 from ortq.hostinfo import host_info
-from ortq.passes.matmul_nbits import quantize_weight_only
+from ortq.passes.matmul_nbits import MatMulNBitsPass
+from ortq.quantize_steps import weight_only_statistics
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,7 +105,11 @@ def _ort_quantizer(src: Path, folder: Path, algo: str, block_size: int) -> tuple
 
 def _ortq(src: Path, folder: Path, config: WeightOnlyConfig, calib) -> tuple[Path, float, dict]:
     t = time.perf_counter()
-    model, report = quantize_weight_only(ir.load(str(src)), config, calibration_batches=calib)
+    model = ir.load(str(src))
+    stats = weight_only_statistics(model, config, calib) if calib is not None else {}
+    quantize = MatMulNBitsPass(config, **stats)
+    quantize(model)
+    report = quantize.report
     secs = time.perf_counter() - t
     path = _save(model, folder)
     return path, secs, report

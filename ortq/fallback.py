@@ -38,13 +38,20 @@ import onnx_ir as ir
 
 from ortq.calibrators.base import TensorRange
 from ortq.config import QuantizationConfig
-from ortq.errors import ConfigError, ModelError
-from ortq.io import TOKENIZER_FILES, save_model
-from ortq.passes.grid import dequantized_weight
-from ortq.passes.insert_qdq import insert_qdq
-from ortq.passes.plan import QuantPlan, ensure_node_names, make_plan
-from ortq.runtime import attention_mask_of
-from ortq.validate import LayerReport, layer_report, sample_cosines
+from ortq.errors import ConfigError
+from ortq.fallback_sim import Simulator
+from ortq.io import TOKENIZER_FILES, needs_external_data
+from ortq.passes.insert_qdq import InsertQDQPass
+from ortq.passes.plan import QuantPlan, make_plan
+from ortq.runtime import (
+    SessionSettings,
+    attention_mask_of,
+    create_session,
+    feed_for,
+    float_outputs,
+    run_batches,
+)
+from ortq.validate import LayerReport, layer_report, measure_latency, sample_cosines
 
 logger = logging.getLogger(__name__)
 
@@ -120,29 +127,8 @@ class FallbackResult:
         }
 
 
-def _session(model: onnx.ModelProto | str, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    src = model if isinstance(model, str) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"onnxruntime cannot load a fallback candidate ({msg})") from exc
-
-
-def _float_outputs(sess) -> list[str]:
-    return [o.name for o in sess.get_outputs() if "float" in (o.type or "") or "double" in (o.type or "")]
-
-
-def _feed(sess, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {i.name: feed[i.name] for i in sess.get_inputs()}
+def _session(model: ir.Model | str, threads: int):
+    return create_session(model, settings=SessionSettings(threads=threads), what="a fallback candidate")
 
 
 class _Evaluator:
@@ -150,7 +136,7 @@ class _Evaluator:
 
     def __init__(
         self,
-        fp32: onnx.ModelProto,
+        fp32: ir.Model,
         config: QuantizationConfig,
         ranges: Mapping[str, TensorRange],
         batches: Sequence[Mapping[str, np.ndarray]],
@@ -175,17 +161,14 @@ class _Evaluator:
         self.threads = threads
         self.latency_runs = latency_runs
         self.reference = _session(fp32, threads)
-        self.outputs = _float_outputs(self.reference)
-        self.reference_outputs = [
-            dict(zip(self.outputs, self.reference.run(self.outputs, _feed(self.reference, b)), strict=True))
-            for b in batches
-        ]
+        self.outputs = float_outputs(self.reference)
+        self.reference_outputs = [outs for _, outs in run_batches(self.reference, batches, self.outputs)]
         self.cache: dict[frozenset[str], Candidate] = {}
         self.candidates: list[Candidate] = []
         self.count = 0
 
     def build(self, kept_float: Sequence[str]) -> tuple[ir.Model, QuantPlan]:
-        model = ir.from_proto(self.fp32)
+        model = self.fp32.clone()
         config = dataclasses.replace(
             self.config, nodes_to_exclude=tuple(self.config.nodes_to_exclude) + tuple(kept_float)
         )
@@ -195,20 +178,11 @@ class _Evaluator:
         for d in plan.decisions:
             if d.name in kept:
                 d.reason = reason
-        insert_qdq(model, plan)
+        InsertQDQPass(plan)(model)
         return model, plan
 
-    def _write(self, proto: onnx.ModelProto, index: int) -> Path:
-        folder = self.work_dir / f"candidate_{index}"
-        folder.mkdir()
-        path = folder / "model.onnx"
-        save_model(proto, path)
-        if self.side_files_from is not None:
-            for name in TOKENIZER_FILES:
-                src = self.side_files_from / name
-                if src.is_file():
-                    shutil.copyfile(src, folder / name)
-        return path
+    def _write(self, model: ir.Model, index: int) -> Path:
+        return _write_model(model, self.work_dir / f"candidate_{index}", self.side_files_from)
 
     def evaluate(self, kept_float: Sequence[str], stage: str) -> Candidate:
         """Build one candidate, score it on all batches, time it against fp32."""
@@ -218,15 +192,12 @@ class _Evaluator:
         start = time.perf_counter()
         self.count += 1
         model, _ = self.build(kept_float)
-        proto = ir.to_proto(model)
         eval_fn = self.eval_fn
-        path = None
-        if eval_fn is not None or proto.ByteSize() > 1_800_000_000:
-            path = self._write(proto, self.count)
-        sess = _session(str(path) if path is not None and proto.ByteSize() > 1_800_000_000 else proto, self.threads)
+        path = self._write(model, self.count) if eval_fn is not None else None
+        sess = _session(str(path) if path is not None else model, self.threads)
         per_output: dict[str, list[float]] = {o: [] for o in self.outputs}
-        for feed, ref in zip(self.batches, self.reference_outputs, strict=True):
-            got = dict(zip(self.outputs, sess.run(self.outputs, _feed(sess, feed)), strict=True))
+        runs = run_batches(sess, self.batches, self.outputs, what="a budget batch")
+        for (feed, got), ref in zip(runs, self.reference_outputs, strict=True):
             mask = attention_mask_of(feed)
             for o in self.outputs:
                 per_output[o].extend(sample_cosines(ref[o], got[o], mask))
@@ -235,10 +206,8 @@ class _Evaluator:
         metric = float(eval_fn(path)) if eval_fn is not None else None
         latency = None
         if self.latency_runs > 0:
-            from ortq.validate import measure_latency
-
             lat = measure_latency(
-                self.reference, sess, _feed(sess, self.batches[0]), warmup_runs=1, runs=self.latency_runs
+                self.reference, sess, feed_for(sess, self.batches[0]), warmup_runs=1, runs=self.latency_runs
             )
             latency = lat.get("pairwise_ratio_median")
         ok = self.meets(drop, metric)
@@ -264,120 +233,6 @@ class _Evaluator:
         return True
 
 
-SELECT_INPUT = "__ortq_int8_select"
-
-
-class _Simulator:
-    """The fp32 model with every quantized input of every planned node routed through a switch:
-    ``x + select[i] * (DQ(Q(x)) - x)``, ``select`` a graph input with one entry per node (1: int8, 0: float).
-    Any subset of nodes kept in float is then one run of one session, with no model to rebuild. The int8
-    kernels compute the same products exactly in int32, so this simulates them up to float rounding."""
-
-    def __init__(self, fp32: onnx.ModelProto, plan: QuantPlan, batches: Sequence[Mapping[str, np.ndarray]],
-                 reference_outputs: list[dict[str, np.ndarray]], outputs: list[str], threads: int):
-        self.nodes = list(plan.quantized_nodes)
-        self.batches = batches
-        self.reference_outputs = reference_outputs
-        self.outputs = outputs
-        model = ir.from_proto(fp32)
-        graph = model.graph
-        ensure_node_names(graph)
-        select = ir.val(SELECT_INPUT, ir.DataType.FLOAT, ir.Shape([len(self.nodes)]))
-        graph.inputs.append(select)
-        values = {v.name: v for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
-        values.update({v.name: v for v in graph.inputs})
-        values.update(graph.initializers)
-        simulated: dict[str, ir.Value] = {}
-        for name, qp in plan.activations.items():
-            x = values[name]
-            scale = ir.val(f"{name}__sim_scale", const_value=ir.tensor(qp.scale, name=f"{name}__sim_scale"))
-            zp = ir.val(f"{name}__sim_zp", const_value=ir.tensor(qp.zero_point, name=f"{name}__sim_zp"))
-            for c in (scale, zp):
-                graph.register_initializer(c)
-            q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{name}__sim_q")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{name}__sim_dq")
-            producer = x.producer()
-            if producer is None:
-                graph.insert_before(graph.node(0), [q, dq])
-            else:
-                graph.insert_after(producer, [q, dq])
-            simulated[name] = dq.outputs[0]
-        for name, qp in plan.weights.items():
-            w = values[name]
-            deq = dequantized_weight(w.const_value.numpy(), qp)
-            c = ir.val(f"{name}__sim_w", const_value=ir.tensor(deq, name=f"{name}__sim_w"))
-            graph.register_initializer(c)
-            simulated[name] = c
-        by_name = {n.name: n for n in graph}
-        for i, node_name in enumerate(self.nodes):
-            node = by_name[node_name]
-            index = ir.val(f"__ortq_sim_index_{i}", const_value=ir.tensor(np.array(i, np.int64), name=f"__ortq_sim_index_{i}"))
-            graph.register_initializer(index)
-            gate = ir.node("Gather", [select, index], name=f"{node_name}__sim_gate")
-            new_nodes = [gate]
-            for j in plan.node_inputs.get(node_name, ()):
-                x = node.inputs[j]
-                if x is None or x.name not in simulated:
-                    continue
-                diff = ir.node("Sub", [simulated[x.name], x], name=f"{node_name}__sim_sub{j}")
-                scaled = ir.node("Mul", [diff.outputs[0], gate.outputs[0]], name=f"{node_name}__sim_mul{j}")
-                mixed = ir.node("Add", [x, scaled.outputs[0]], name=f"{node_name}__sim_add{j}")
-                new_nodes += [diff, scaled, mixed]
-                node.replace_input_with(j, mixed.outputs[0])
-            graph.insert_before(node, new_nodes)
-        self.session = _session(ir.to_proto(model), threads)
-        self.evaluations = 0
-
-    def quick_batches(self, num_samples: int) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """The first ``num_samples`` samples (feeds with their reference outputs), for cheap probes."""
-        out, left = [], num_samples
-        for feed, ref in zip(self.batches, self.reference_outputs, strict=False):
-            if left <= 0:
-                break
-            n = min(left, int(np.shape(next(iter(feed.values())))[0]))
-            out.append(_trim_padding({k: v[:n] for k, v in feed.items()}, {k: v[:n] for k, v in ref.items()}))
-            left -= n
-        return out
-
-    def drop(self, kept_float: Sequence[str], pairs: Sequence[tuple[Mapping, Mapping]] | None = None) -> float:
-        """Cosine drop (``1 -`` the worst output's mean per-sample cosine) with ``kept_float`` in float, on all
-        batches or on the given (feed, reference outputs) pairs."""
-        self.evaluations += 1
-        select = np.ones(len(self.nodes), np.float32)
-        kept = set(kept_float)
-        select[[i for i, n in enumerate(self.nodes) if n in kept]] = 0.0
-        per_output: dict[str, list[float]] = {o: [] for o in self.outputs}
-        if pairs is None:
-            pairs = list(zip(self.batches, self.reference_outputs, strict=False))
-        for feed, ref in pairs:
-            f = {i.name: feed[i.name] for i in self.session.get_inputs() if i.name != SELECT_INPUT}
-            got = dict(zip(self.outputs, self.session.run(self.outputs, {**f, SELECT_INPUT: select}), strict=True))
-            mask = attention_mask_of(feed)
-            for o in self.outputs:
-                per_output[o].extend(sample_cosines(ref[o], got[o], mask))
-        worst = min((float(np.mean(c)) for c in per_output.values() if c), default=1.0)
-        return max(0.0, 1.0 - worst)
-
-
-def _trim_padding(
-    feed: dict[str, np.ndarray], ref: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Drop trailing sequence positions that are padding in every row (right-padded text batches), from the
-    feed and the reference outputs laid out ``[batch, seq, ...]``; other batches are returned unchanged."""
-    mask = attention_mask_of(feed)
-    if mask is None or not mask.any():
-        return feed, ref
-    seq = mask.shape[1]
-    length = int(np.flatnonzero(mask.any(axis=0)).max()) + 1
-    if length == seq:
-        return feed, ref
-    if any(np.ndim(v) != 2 or np.shape(v) != mask.shape for v in feed.values()):
-        return feed, ref
-    if any(np.ndim(v) < 2 or np.shape(v)[:2] != mask.shape for v in ref.values()):
-        return feed, ref
-    return {k: v[:, :length] for k, v in feed.items()}, {k: v[:, :length] for k, v in ref.items()}
-
-
 def _growing_sizes(start: int, total: int) -> list[int]:
     """start, start + 1, then steps that double: the sizes tried while growing the float set."""
     sizes, k, step = [], max(1, start), 1
@@ -390,7 +245,7 @@ def _growing_sizes(start: int, total: int) -> list[int]:
 
 
 def search_fallback(
-    fp32_model: onnx.ModelProto | str | os.PathLike,
+    fp32_model: ir.Model | onnx.ModelProto | str | os.PathLike,
     config: QuantizationConfig,
     ranges: Mapping[str, TensorRange],
     batches: Sequence[Mapping[str, np.ndarray]],
@@ -452,21 +307,19 @@ def search_fallback(
         raise ConfigError("search_fallback needs at least one batch of calibration-side data")
     if not isinstance(config, QuantizationConfig):
         raise ConfigError("the accuracy-budget fallback works on static int8 configs")
-    fp32 = fp32_model if isinstance(fp32_model, onnx.ModelProto) else onnx.load(str(fp32_model))
+    if isinstance(fp32_model, ir.Model):
+        fp32 = fp32_model
+    elif isinstance(fp32_model, onnx.ModelProto):
+        fp32 = ir.from_proto(fp32_model)
+    else:
+        fp32 = ir.load(str(fp32_model))
     side = Path(side_files_from) if side_files_from is not None else None
 
     with tempfile.TemporaryDirectory(prefix="ortq-fallback-") as tmp:
         work = Path(tmp)
         reference_metric = None
         if eval_fn is not None and max_metric_drop is not None:
-            ref_dir = work / "fp32"
-            ref_dir.mkdir()
-            save_model(fp32, ref_dir / "model.onnx")
-            if side is not None:
-                for name in TOKENIZER_FILES:
-                    if (side / name).is_file():
-                        shutil.copyfile(side / name, ref_dir / name)
-            reference_metric = float(eval_fn(ref_dir / "model.onnx"))
+            reference_metric = float(eval_fn(_write_model(fp32, work / "fp32", side)))
             floor = reference_metric - float(max_metric_drop)
             min_metric = floor if min_metric is None else max(min_metric, floor)
         ev = _Evaluator(
@@ -491,7 +344,7 @@ def search_fallback(
         simulated: list[dict[str, Any]] = []
         if not base.meets_budget and max_evaluations > 1:
             _, plan0 = ev.build(())
-            sim = _Simulator(fp32, plan0, batches, ev.reference_outputs, ev.outputs, threads)
+            sim = Simulator(fp32, plan0, batches, ev.reference_outputs, ev.outputs, threads)
             nodes = list(plan0.quantized_nodes)
             candidates = nodes
             if len(nodes) > num_probes:  # too many to probe: probe those that add the most error themselves
@@ -546,7 +399,7 @@ def _score(c: Candidate) -> tuple[float, float]:
 
 
 def _simulated_size(
-    sim: _Simulator,
+    sim: Simulator,
     ranking: list[str],
     gains: Mapping[str, float],
     quick_base: float,
@@ -638,113 +491,14 @@ def split_rows(feeds: Sequence[Mapping[str, np.ndarray]], fraction: float) -> tu
     return kept, held
 
 
-def quantize_with_budget(
-    quantizer: Any,
-    quantization_config: QuantizationConfig,
-    save_dir: str | os.PathLike,
-    calibration_data: Any,
-    *,
-    calibration_config: Any = None,
-    max_cosine_drop: float | None = None,
-    eval_fn: EvalFn | None = None,
-    min_metric: float | None = None,
-    max_metric_drop: float | None = None,
-    budget_fraction: float = 0.25,
-    error_report: bool = True,
-    report_data: Any = None,
-    overwrite: bool = False,
-    **search_kwargs: Any,
-) -> Path:
-    """Static int8 with the fewest nodes kept in float that meet an accuracy budget; writes the usual output
-    folder (``model.onnx``, ``ortq_config.json``, ``quantization_report.json`` with an ``accuracy_budget``
-    section) and, with ``error_report``, ``layer_report.{json,md,png}`` beside it.
-
-    The last ``budget_fraction`` of the calibration samples is set aside to check the budget and not used to
-    calibrate. The layer report runs on ``report_data`` (e.g. held-out data) when given, else on those
-    set-aside samples.
-
-    Args:
-        quantizer: an :class:`ortq.quantizer.ORTQuantizer`.
-        quantization_config: a static config.
-        save_dir: the output folder.
-        calibration_data: anything :meth:`ORTQuantizer.batches` accepts.
-        calibration_config: the calibration config (default :class:`ortq.config.CalibrationConfig`).
-        max_cosine_drop, eval_fn, min_metric, max_metric_drop: the budget (see :func:`search_fallback`).
-        budget_fraction: share of the calibration samples set aside for the budget, in (0, 1).
-        error_report: also write the per-layer report of the model chosen.
-        report_data: data for the per-layer report.
-        overwrite: replace an existing output folder.
-        search_kwargs: passed to :func:`search_fallback` (``max_evaluations``, ``latency_runs``, ...).
-    """
-    import json
-
-    from ortq.config import CalibrationConfig
-    from ortq.io import write_text_atomic
-    from ortq.quantizer import PLAN_FILENAME
-
-    if not 0.0 < budget_fraction < 1.0:
-        raise ConfigError(f"budget_fraction must be in (0, 1), got {budget_fraction}")
-    if calibration_data is None:
-        raise ConfigError("the accuracy budget needs calibration_data (a share of it checks the budget)")
-    calibration_config = calibration_config or CalibrationConfig()
-    feeds = list(
-        quantizer.batches(
-            calibration_data, batch_size=calibration_config.batch_size, num_samples=calibration_config.num_samples
-        )
-    )
-    calib, budget_batches = split_rows(feeds, budget_fraction)
-    start = time.perf_counter()
-    ranges = quantizer.fit(calib, calibration_config, quantization_config=quantization_config)
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = search_fallback(
-        quantizer.proto,
-        quantization_config,
-        ranges,
-        budget_batches,
-        max_cosine_drop=max_cosine_drop,
-        eval_fn=eval_fn,
-        min_metric=min_metric,
-        max_metric_drop=max_metric_drop,
-        side_files_from=quantizer.model_dir,
-        **search_kwargs,
-    )
-    search_s = time.perf_counter() - start
-    if not result.plan.quantized_nodes:
-        raise ConfigError(
-            f"the accuracy budget keeps every node in float (best cosine drop with int8 nodes "
-            f"{min(c.cosine_drop for c in result.candidates):.5f}): nothing left to quantize; loosen the budget"
-        )
-    config = dataclasses.replace(
-        quantization_config,
-        nodes_to_exclude=tuple(quantization_config.nodes_to_exclude) + tuple(result.kept_float),
-    )
-    path = quantizer.quantize(config, save_dir, calibration_tensors_range=ranges, overwrite=overwrite)
-    reasons = {d.name: d.reason for d in result.plan.decisions}
-    report = dict(quantizer.last_report or {})
-    for node in report.get("plan", {}).get("nodes", []):
-        if node["name"] in result.kept_float:
-            node["reason"] = reasons[node["name"]]
-    if quantizer.last_plan is not None:
-        for d in quantizer.last_plan.decisions:
-            if d.name in result.kept_float:
-                d.reason = reasons[d.name]
-    report["accuracy_budget"] = {
-        **result.to_dict(),
-        "calibration_samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in calib),
-        "fit_seconds": round(fit_s, 3),
-        "search_seconds": round(search_s, 3),
-    }
-    out = Path(path).parent
-    if error_report:
-        if report_data is not None:
-            data = list(quantizer.batches(report_data, batch_size=calibration_config.batch_size))
-            where = "report data"
-        else:
-            data, where = budget_batches, "calibration samples set aside for the budget"
-        lr = layer_report(quantizer.proto, path, quantizer.last_plan, data, data=where)
-        lr.save(out)
-        report["layer_report"] = {"most_sensitive": [s.name for s in lr.most_sensitive()], "data": where}
-    write_text_atomic(out / PLAN_FILENAME, json.dumps(report, indent=2, default=str) + "\n")
-    quantizer.last_report = report
+def _write_model(model: ir.Model, folder: Path, side_files_from: Path | None) -> Path:
+    """``folder/model.onnx`` (weights external above the protobuf limit) with the side files of
+    ``side_files_from``, for ``eval_fn``."""
+    folder.mkdir()
+    path = folder / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data" if needs_external_data(model) else None)
+    if side_files_from is not None:
+        for name in TOKENIZER_FILES:
+            if (side_files_from / name).is_file():
+                shutil.copyfile(side_files_from / name, folder / name)
     return path

@@ -368,7 +368,9 @@ def _output_mkdtemp_denied(c, monkeypatch):
 def _full_output_disk(c, monkeypatch):
     # Simulated: the output's filesystem is full; the model write fails with ENOSPC halfway (a partial file
     # exists in the temporary folder). Writes elsewhere work.
-    real = onnx.save_model
+    import onnx_ir
+
+    real = onnx_ir.save
 
     def full(model, path, *args, **kwargs):
         if _in_output_tmp(c, path):
@@ -376,7 +378,7 @@ def _full_output_disk(c, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(model, path, *args, **kwargs)
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(onnx_ir, "save", full)
 
 
 def _disk_full_on_model(c, monkeypatch):
@@ -399,12 +401,12 @@ def _disk_full_on_rename(c, monkeypatch):
 
 def _disk_full_on_side_file(c, monkeypatch):
     # Simulated: the JSON report cannot be written.
-    import ortq.quantizer as quantizer_module
+    import ortq.quantize_steps as steps_module
 
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(quantizer_module, "write_text_atomic", full)
+    monkeypatch.setattr(steps_module, "write_text_atomic", full)
     return {}
 
 
@@ -620,12 +622,12 @@ def test_debug_flag_shows_the_traceback(ctx):
 
 def test_internal_errors_are_one_line_too(ctx, capfd, monkeypatch):
     """A bug (any non-ortq exception) still ends in one line, pointing at --debug."""
-    import ortq.quantizer as quantizer_module
+    import ortq.quantize_steps as steps_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("unexpected\nsecond line")
 
-    monkeypatch.setattr(quantizer_module, "make_plan", boom)
+    monkeypatch.setattr(steps_module, "make_plan", boom)
     code, err = _cli(["-q", "quantize", ctx.model_dir, "-o", ctx.out, "--calibration-data", ctx.cal], capfd)
     assert_one_line_error(code, err, r"internal error \(RuntimeError: unexpected\); rerun with --debug")
     assert not ctx.out.exists() and _leftovers(ctx) == []

@@ -59,3 +59,41 @@ def test_no_rewrite_when_not_slower(monkeypatch):
 
 def test_slowdown_is_measured():
     assert cpu_kernels.skip_layernorm_slowdown(64, tokens=64) > 0
+
+
+def test_cpu_kernels_pass_reports_the_summary(monkeypatch):
+    from ortq.passes.cpu_kernels import CpuKernelsPass
+
+    monkeypatch.setattr(cpu_kernels, "skip_layernorm_slowdown", lambda hidden: 4.0)
+    model = ir.from_proto(_model())
+    tune = CpuKernelsPass()
+    assert tune(model).modified
+    assert tune.report_key == "cpu_kernels" and tune.report["rewritten"] == 1
+
+
+def test_timing_sessions_do_not_spin(monkeypatch):
+    from ortq import runtime
+
+    seen = []
+    real = runtime.create_session
+
+    def spy(model, **kwargs):
+        session = real(model, **kwargs)
+        seen.append(runtime.describe_session(session))
+        return session
+
+    monkeypatch.setattr(cpu_kernels, "create_session", spy)
+    cpu_kernels._timed(_probe(), {"x": np.ones((1, 2, 8), np.float32)}, runs=1)
+    assert seen and not seen[0]["allow_spinning"] and seen[0]["intra_op_num_threads"] == 2
+
+
+def _probe() -> bytes:
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, 8] x) => (float[B, S, 8] y) {
+            y = Relu(x)
+        }
+        """
+    )
+    return proto.SerializeToString()

@@ -121,30 +121,49 @@ def test_quantize_with_budget_writes_reports(tiny_bert_dir, tmp_path):
 
     from ortq import AutoCalibrationConfig, AutoQuantizationConfig
     from ortq.data import real_text
-    from ortq.fallback import quantize_with_budget
     from ortq.quantizer import ORTQuantizer
 
     q = ORTQuantizer.from_pretrained(tiny_bert_dir)
-    path = quantize_with_budget(
-        q,
+    path = q.quantize(
         AutoQuantizationConfig.avx2(),
         tmp_path / "int8",
-        real_text("calibration", 32),
+        calibration_data=real_text("calibration", 32),
         calibration_config=AutoCalibrationConfig.minmax(batch_size=8),
         max_cosine_drop=0.5,
+        error_report=True,
         report_data=real_text("heldout", 8),
-        latency_runs=0,
+        budget_options={"latency_runs": 0},
     )
     out = path.parent
     assert {"layer_report.json", "layer_report.md", "quantization_report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "quantization_report.json").read_text())
+    assert report == q.last_report
     budget = report["accuracy_budget"]
     assert budget["calibration_samples"] == 24 and budget["budget"]["samples"] == 8
     reasons = {n["name"]: n["reason"] for n in report["plan"]["nodes"]}
     assert all(reasons[n].startswith("kept in float by the accuracy budget") for n in budget["kept_float"])
+    assert report["layer_report"]["data"] == "report data"
     onnx.checker.check_model(onnx.load(path), full_check=True)
     with pytest.raises(ConfigError, match="every node in float"):
-        quantize_with_budget(
-            q, AutoQuantizationConfig.avx2(), tmp_path / "none", real_text("calibration", 32),
-            calibration_config=AutoCalibrationConfig.minmax(batch_size=8), max_cosine_drop=0.0, latency_runs=0,
+        q.quantize(
+            AutoQuantizationConfig.avx2(), tmp_path / "none", calibration_data=real_text("calibration", 32),
+            calibration_config=AutoCalibrationConfig.minmax(batch_size=8), max_cosine_drop=0.0,
+            budget_options={"latency_runs": 0},
         )
+    assert not (tmp_path / "none").exists()
+
+
+def test_budget_keeps_the_users_error_report_choice(tiny_bert_dir, tmp_path):
+    from ortq import AutoCalibrationConfig, AutoQuantizationConfig
+    from ortq.data import real_text
+    from ortq.quantizer import ORTQuantizer
+
+    q = ORTQuantizer.from_pretrained(tiny_bert_dir)
+    path = q.quantize(
+        AutoQuantizationConfig.avx2(), tmp_path / "int8", calibration_data=real_text("calibration", 16),
+        calibration_config=AutoCalibrationConfig.minmax(batch_size=8), max_cosine_drop=0.5,
+        error_report=False, budget_options={"latency_runs": 0},
+    )
+    names = {p.name for p in path.parent.iterdir()}
+    assert "quantization_report.json" in names and "layer_report.json" not in names
+    assert "layer_report" not in q.last_report and "accuracy_budget" in q.last_report

@@ -141,3 +141,31 @@ def test_tied_4bit_when_not_sensitive():
     deq = _gbq_reference(qproto)
     np.testing.assert_array_equal(h, deq[ids])
     np.testing.assert_allclose(logits, deq[ids] @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+def test_embeddings_pass_replaces_the_table_and_reports():
+    from ortq.calibrators.base import TensorRange
+    from ortq.config import QuantizationConfig
+    from ortq.passes.embeddings import EmbeddingsPass
+    from ortq.passes.plan import make_plan
+
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(1024, 64)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[B, S] ids) => (float[B, S, 64] y) {
+            y = Gather(table, ids)
+        }
+        """
+    )
+    proto.graph.initializer.append(numpy_helper.from_array(table, "table"))
+    model = ir.from_proto(proto)
+    plan = make_plan(model, QuantizationConfig(), {"x": TensorRange(-1.0, 1.0, 1, 0)})
+    embed = EmbeddingsPass(plan, bits=8)
+    assert embed(model).modified
+    assert embed.report == {"gathers": 1, "bits": 8, "block_size": 32}
+    assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
+    ids = rng.integers(0, 1024, size=(2, 5))
+    out = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(out.run(None, {"ids": ids})[0], table[ids], atol=0.05)

@@ -85,3 +85,20 @@ def test_inputs_are_rewired_and_weights_replaced():
     got = _run(qproto, x)
     cos = np.sum(ref * got) / (np.linalg.norm(ref) * np.linalg.norm(got))
     assert cos > 0.995
+
+
+def test_insert_qdq_pass_rewrites_in_place_and_reports():
+    from ortq.passes.insert_qdq import InsertQDQPass
+
+    rng = np.random.default_rng(7)
+    proto = _build(rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32))
+    model = ir.from_proto(proto)
+    plan = make_plan(model, QuantizationConfig(), {"x": TensorRange(-3.0, 3.0, 1, 0), "r": TensorRange(0.0, 6.0, 1, 0)})
+    qdq = InsertQDQPass(plan)
+    result = qdq(model)
+    assert result.modified and result.model is model
+    assert qdq.report == {"activations": 2, "weights": 2, "int4_weights": 0, "opset": 17}
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(proto, x), rtol=0.1, atol=0.3)

@@ -51,3 +51,24 @@ def test_int4_codes_unpack_to_the_int8_kernel(tmp_path):
     ref = _session(ir.to_proto(ref_model)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
+
+
+def test_int4_storage_pass_replaces_weights_and_hands_codes_to_qdq():
+    from ortq.passes.insert_qdq import InsertQDQPass
+    from ortq.passes.int4_storage import Int4StoragePass, int4_targets
+
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(MLP)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.normal(size=(64, 48)).astype(np.float32), "w"))
+    model = ir.from_proto(proto)
+    ranges = {"x": TensorRange(-4.0, 4.0, 1, 0)}
+    plan = make_plan(model, QuantizationConfig(), ranges)
+    assert int4_targets(model, plan) == {"w": "x"}
+    x = rng.normal(size=(256, 64))
+    int4 = Int4StoragePass(plan, block_size=32, hessians={"x": x.T @ x})
+    int4(model)
+    assert int4.report == {"weights": 1, "algorithm": "gptq", "block_size": 32} and set(int4.codes) == {"w"}
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), int4.codes["w"].dequantize().T)
+    plan = make_plan(model, QuantizationConfig(), ranges)
+    InsertQDQPass(plan, int4_weights=int4.codes)(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ortq.config import WeightOnlyConfig
 from ortq.errors import CalibrationDataError, ConfigError
 from ortq.passes._int4 import BlockQuantized, on_grid, pack, quantize_gptq, quantize_rtn, unpack
-from ortq.passes.matmul_nbits import quantize_weight_only
+from ortq.passes.matmul_nbits import MatMulNBitsPass, quantize_weight_only
+from ortq.quantize_steps import weight_only_statistics
 
 
 def _mlp_model(rng, k=64, n=48, hidden=96, bias=True, out_proj=False):
@@ -50,8 +51,11 @@ def _run(proto: onnx.ModelProto, feeds):
     return sess.run(None, feeds)[0]
 
 
-def _quantize(proto, config, **kw):
-    model, report = quantize_weight_only(ir.from_proto(proto), config, **kw)
+def _quantize(proto, config, calibration_batches=None, **kw):
+    model = ir.from_proto(proto)
+    if calibration_batches is not None:
+        kw.update(weight_only_statistics(model, config, calibration_batches))
+    model, report = quantize_weight_only(model, config, **kw)
     out = ir.to_proto(model)
     onnx.checker.check_model(out)
     return out, report
@@ -214,4 +218,17 @@ def test_errors():
     with pytest.raises(ConfigError):
         WeightOnlyConfig(algorithm="awq")
     with pytest.raises(CalibrationDataError):
-        quantize_weight_only(ir.from_proto(proto), WeightOnlyConfig(algorithm="gptq"), calibration_batches=[])
+        _quantize(proto, WeightOnlyConfig(algorithm="gptq"), calibration_batches=[])
+
+
+def test_matmul_nbits_pass_reports_in_one_shape():
+    rng = np.random.default_rng(11)
+    proto, _ = _mlp_model(rng)
+    config = WeightOnlyConfig(accuracy_level=None)
+    model = ir.from_proto(proto)
+    quantize = MatMulNBitsPass(config)
+    result = quantize(model)
+    assert result.modified and result.model is model
+    assert quantize.report_key == "weight_only" and quantize.report["num_quantized"] == 2
+    assert {n.op_type for n in model.graph} >= {"MatMulNBits"}
+    assert quantize.report["calibration"] is None

@@ -144,3 +144,27 @@ def test_fit_without_smoothing_then_preset_keeps_ranges_valid(tiny_bert_dir, tmp
     report = json.loads((path.parent / "quantization_report.json").read_text())
     assert any("not applied" in n for n in report["notes"])
     assert "smooth_quant" not in report
+
+
+def test_model_over_the_protobuf_limit_is_checked_and_written_with_external_data(tiny_bert_dir, tmp_path,
+                                                                                  heldout, monkeypatch):
+    """A model over the protobuf limit (the limit lowered so that tiny BERT is over it) goes through every step
+    with external data: onnx.checker, like protobuf, cannot take such a model in memory, only from its file."""
+    from ortq import io
+
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    real_check = onnx.checker.check_model
+
+    def check_model(model, *args, **kwargs):
+        if isinstance(model, onnx.ModelProto) and io.needs_external_data(model):
+            raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+        return real_check(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check_model)
+    q = ORTQuantizer.from_pretrained(tiny_bert_dir)
+    path = q.quantize(AutoQuantizationConfig.avx2(), tmp_path / "int8", calibration_data=real_text("calibration", 32),
+                      calibration_config=AutoCalibrationConfig.minmax(batch_size=16))
+    assert (path.parent / "model.onnx.data").is_file()
+    assert "error" not in q.last_report["placement"]
+    cos = _cos(_embed(tiny_bert_dir / "model.onnx", heldout[:1]), _embed(path, heldout[:1]))
+    assert cos.min() > 0.9

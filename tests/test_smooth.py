@@ -3,7 +3,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ortq.passes.smooth import apply_smoothing, channel_absmax, smooth_groups, smoothing_scales
+from ortq.calibrators.activations import channel_absmax
+from ortq.passes.smooth import SmoothQuantPass, apply_smoothing, smooth_groups, smoothing_scales
 
 PRE_LN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -58,7 +59,7 @@ def test_fold_into_layernorm_preserves_outputs(tmp_path):
     model = ir.from_proto(proto)
     groups = smooth_groups(model)
     assert len(groups) == 1 and groups[0].folded_into is not None and len(groups[0].matmuls) == 2
-    absmax = channel_absmax(path, ["h"], [{"x": x}])
+    absmax = channel_absmax(ir.load(path), ["h"], [{"x": x}]).absmax
     np.testing.assert_allclose(absmax["h"], np.abs(_ln(x, proto)).max(axis=0), rtol=1e-5)
     summary = apply_smoothing(model, groups, absmax, alpha=0.5)
     assert summary["h"]["folded"]
@@ -78,7 +79,7 @@ def test_post_ln_inserts_a_mul_and_keeps_the_residual(tmp_path):
     model = ir.from_proto(proto)
     groups = smooth_groups(model)
     assert groups[0].folded_into is None
-    apply_smoothing(model, groups, channel_absmax(path, ["h"], [{"x": x}]), alpha=0.8)
+    apply_smoothing(model, groups, channel_absmax(ir.load(path), ["h"], [{"x": x}]).absmax, alpha=0.8)
     smoothed = ir.to_proto(model)
     onnx.checker.check_model(smoothed)
     assert "Mul" in [n.op_type for n in smoothed.graph.node]
@@ -104,3 +105,19 @@ def test_alpha_search_prefers_smoothing_for_outlier_channels():
     flat = rng.normal(size=(256, 16)).astype(np.float32)
     _, errors = search_alpha(flat, [w], np.abs(flat).max(axis=0))
     assert min(errors.values()) <= errors["none"]
+
+
+def test_smoothquant_pass_from_calibration_statistics(tmp_path):
+    rng = np.random.default_rng(4)
+    proto = _model(PRE_LN, _weights(rng, 4))
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    stats = channel_absmax(ir.from_proto(proto), ["h"], [{"x": x}], sample_rows=32)
+    assert stats.rows["h"].shape == (32, 8)
+    model = ir.from_proto(proto)
+    smooth = SmoothQuantPass("auto", stats.absmax, stats.rows)
+    smooth(model)
+    assert smooth.report_key == "smooth_quant" and smooth.report["alpha"] == "auto"
+    assert "relative_error_unsmoothed" in smooth.report["activations"]["h"]
+    smoothed = ir.to_proto(model)
+    for a, b in zip(_run(proto, x), _run(smoothed, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

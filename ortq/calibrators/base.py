@@ -143,9 +143,8 @@ def register(cls: type[Observer]) -> type[Observer]:
 
 
 def observer_class(config: CalibrationConfig) -> type[Observer]:
-    # Importing the package registers every observer.
-    import ortq.calibrators  # noqa: F401
-
+    """The observer class registered for ``config.method`` (importing any module of this package runs
+    ``ortq/calibrators/__init__.py``, which registers every observer)."""
     try:
         return _REGISTRY[config.method]
     except KeyError:

@@ -21,15 +21,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm.auto import tqdm
+import onnx_ir as ir
 
 from ortq.calibrators.base import SENTINEL_ABS, Observer, TensorRange, make_observer, observer_class
+from ortq.calibrators.graph import as_ir_model, light_proto, observed_session
 from ortq.config import CalibrationConfig, CalibrationMethod
-from ortq.errors import CalibrationDataError, ModelError, first_line
+from ortq.errors import CalibrationDataError, ModelError
+from ortq.runtime import SessionSettings, batch_size_of, feed_for, run_batches
 
 logger = logging.getLogger(__name__)
 
-_MAX_PROTO_BYTES = 1_800_000_000
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -132,56 +133,14 @@ class CalibrationState:
         return state
 
 
-def _load_proto(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    try:
-        return onnx.load(str(model))
-    except Exception as exc:
-        raise ModelError(f"{model}: cannot load ({exc})") from exc
-
-
-def _approx_bytes(proto: onnx.ModelProto) -> int:
-    """Size of the model's initializers (a cheap lower bound of ``ByteSize``)."""
-    total = 0
-    for t in proto.graph.initializer:
-        total += (
-            len(t.raw_data)
-            + 4 * (len(t.float_data) + len(t.int32_data))
-            + 8 * (len(t.int64_data) + len(t.double_data))
-        )
-    return total
-
-
-def _light_copy(proto: onnx.ModelProto, max_init_bytes: int = 4096) -> onnx.ModelProto:
-    """The model without its large initializers (declared as graph inputs instead): enough for shape
-    inference, without copying the weights. Small initializers (shape constants) keep their values."""
-    light = onnx.ModelProto()
-    light.ir_version = proto.ir_version
-    light.opset_import.extend(proto.opset_import)
-    light.functions.extend(proto.functions)
-    g, lg = proto.graph, light.graph
-    lg.name = g.name
-    lg.node.extend(g.node)
-    lg.input.extend(g.input)
-    lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
-    declared = {i.name for i in g.input}
-    for t in g.initializer:
-        if len(t.raw_data) <= max_init_bytes and t.data_location != onnx.TensorProto.EXTERNAL:
-            lg.initializer.append(t)
-        elif t.name not in declared:
-            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
-
-
-def _value_info(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple[bool, ...]]]:
+def _value_info(model: ir.Model) -> tuple[dict[str, int], dict[str, tuple[bool, ...]]]:
     """Element type of every value the graph knows, and which of its axes have a static size (after shape
     inference where it succeeds). A static axis is never the sequence axis."""
+    light = light_proto(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_light_copy(proto))
+        inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:
-        inferred = proto
+        inferred = light
     g = inferred.graph
     types: dict[str, int] = {}
     static: dict[str, tuple[bool, ...]] = {}
@@ -190,7 +149,7 @@ def _value_info(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple
         types[v.name] = tt.elem_type
         if tt.HasField("shape"):
             static[v.name] = tuple(d.HasField("dim_value") for d in tt.shape.dim)
-    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    types.update({name: v.dtype.value for name, v in model.graph.initializers.items() if v.dtype is not None})
     return types, static
 
 
@@ -198,7 +157,8 @@ class RangeCollector:
     """Streams tensor statistics of ``model`` over calibration batches into a :class:`CalibrationState`.
 
     Args:
-        model: the float model (path or proto).
+        model: the float model (``onnx_ir`` model, proto or path); it is serialized once, for the session,
+            and not referenced after the first :meth:`collect`.
         tensor_names: the activations to observe.
         config: the calibration method and its settings.
         providers: ONNX Runtime providers (default CPU).
@@ -207,7 +167,7 @@ class RangeCollector:
 
     def __init__(
         self,
-        model: str | os.PathLike | onnx.ModelProto,
+        model: ir.Model | onnx.ModelProto | str | os.PathLike,
         tensor_names: Sequence[str],
         config: CalibrationConfig,
         *,
@@ -216,9 +176,9 @@ class RangeCollector:
     ):
         self.config = config
         self.state = CalibrationState(config)
-        proto = _load_proto(model)
-        types, static = _value_info(proto)
-        produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+        model = as_ir_model(model)
+        types, static = _value_info(model)
+        produced = {v.name for n in model.graph for v in n.outputs} | {v.name for v in model.graph.inputs}
         names = []
         for name in dict.fromkeys(tensor_names):
             if name not in produced:
@@ -232,22 +192,21 @@ class RangeCollector:
         for name in names:
             self.state.observer(name)
         self._in_graph = config.method is CalibrationMethod.MINMAX
-        self._providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self._providers = list(providers) if providers else None
         self._threads = intra_op_num_threads
-        self._base: onnx.ModelProto | None = proto
-        self._extra = self._augment(proto)
+        self._model: ir.Model | None = model
+        self._extra = self._augment(model)
         self._session = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
 
     # --------------------------------------------------------------------------------------- the graph
 
-    def _augment(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+    def _augment(self, model: ir.Model) -> onnx.ModelProto:
         """The additions to the graph, as a model holding only them: serialized after the original model,
         protobuf merges the two (repeated fields append), so the weights are never copied."""
         aug = onnx.ModelProto()
         graph = aug.graph
-        existing = {o.name for o in proto.graph.output}
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        existing = {o.name for o in model.graph.outputs}
+        opset = model.opset_imports.get("", 13)
         self._outputs: dict[str, tuple[str, ...]] = {}
         for i, name in enumerate(self.tensor_names):
             if not self._in_graph:
@@ -280,45 +239,14 @@ class RangeCollector:
 
     def _session_for_run(self):
         if self._session is None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            if self._threads:
-                so.intra_op_num_threads = self._threads
-            # Plain execution: fusions could remove the very tensors we observe.
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            # Batches padded to their longest sentence come in many shapes; a memory pattern cached per shape
-            # makes the RSS grow with the number of distinct lengths seen.
-            so.enable_mem_pattern = False
-            base = self._base
-            self._tmp = tempfile.TemporaryDirectory(prefix="ortq-calib-", ignore_cleanup_errors=True)
-            path = Path(self._tmp.name) / "augmented.onnx"
-            external = _approx_bytes(base) > _MAX_PROTO_BYTES
-            try:
-                if external:
-                    # Too big for one protobuf message: write the augmented model with external data.
-                    aug = onnx.ModelProto()
-                    aug.CopyFrom(base)
-                    aug.MergeFrom(self._extra)
-                    onnx.save_model(
-                        aug, str(path), save_as_external_data=True, location="augmented.onnx.data"
-                    )
-                    del aug
-                else:
-                    # From a file, ONNX Runtime keeps one copy of the weights (from bytes: two).
-                    with open(path, "wb") as f:
-                        f.write(base.SerializeToString())
-                        f.write(self._extra.SerializeToString())
-                self._session = ort.InferenceSession(str(path), so, providers=self._providers)
-            except Exception as exc:
-                raise ModelError(
-                    f"onnxruntime could not load the model for calibration: {first_line(exc)}"
-                ) from exc
-            finally:
-                if not external or self._session is None:
-                    self._tmp.cleanup()  # the session has read the file (external data may be mapped: kept)
-                    self._tmp = None
-            self._base = None  # the session holds the weights now
+            # Plain execution (fusions could remove the very tensors observed); no memory pattern: batches
+            # padded to their longest sentence come in many shapes, and a pattern cached per shape grows the RSS.
+            settings = SessionSettings(threads=self._threads, optimization="basic", memory_pattern=False)
+            self._session = observed_session(
+                self._model, self._extra, settings=settings, providers=self._providers,
+                what="the model for calibration",
+            )
+            self._model = None  # the session holds the weights now
         return self._session
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -333,37 +261,15 @@ class RangeCollector:
         """Run every batch and fold its statistics in; may be called again with more data."""
         session = self._session_for_run()
         fetch = [o for name in self.tensor_names for o in self._outputs[name]]
-        input_names = {i.name for i in session.get_inputs()}
-        if total is None and hasattr(batches, "__len__"):
-            try:
-                total = len(batches)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        bar = tqdm(
-            total=total,
-            desc=f"calibrating ({self.config.method.value})",
-            unit="batch",
-            disable=not show_progress,
-        )
-        try:
-            for batch in batches:
-                # The mask is read from the batch even when the graph does not take it as an input.
-                mask = batch.get("attention_mask") if self.config.exclude_padding else None
-                mask = np.asarray(mask) if mask is not None else None
-                feeds = {k: v for k, v in batch.items() if k in input_names}
-                try:
-                    outs = session.run(fetch, feeds)
-                except Exception as exc:
-                    raise CalibrationDataError(
-                        f"onnxruntime failed on a calibration batch: {first_line(exc)}"
-                    ) from exc
-                self._fold(dict(zip(fetch, outs)), mask)
-                n = len(next(iter(feeds.values()))) if feeds else 0
-                self.state.num_samples += n
-                self.state.num_batches += 1
-                bar.update(1)
-        finally:
-            bar.close()
+        desc = f"calibrating ({self.config.method.value})" if show_progress else None
+        logger.info("calibrating (%s) %d tensors%s", self.config.method.value, len(self.tensor_names),
+                    f" on {total} batches" if total is not None else "")
+        for batch, outs in run_batches(session, batches, fetch, desc=desc, total=total, what="a calibration batch"):
+            # The mask is read from the batch even when the graph does not take it as an input.
+            mask = batch.get("attention_mask") if self.config.exclude_padding else None
+            self._fold(outs, np.asarray(mask) if mask is not None else None)
+            self.state.num_samples += batch_size_of(feed_for(session, batch)) if batch else 0
+            self.state.num_batches += 1
         if self.state.num_batches == 0:
             raise CalibrationDataError("calibration data produced no batches")
         return self.state

@@ -13,7 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import quantize_rtn
-from ortq.passes.gather_quant import MS_DOMAIN, drop_unused_initializers, gather_table, replace_gather
+from ortq.passes.base import ReportingPass
+from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather
+from ortq.passes.initializers import drop_unused_initializers
 from ortq.passes.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -51,3 +53,20 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         drop_unused_initializers(model.graph, tables)
     return done
+
+
+class EmbeddingsPass(ReportingPass):
+    """:func:`quantize_embedding_gathers` as a pass; the decisions go to ``plan``, the count to the report."""
+
+    report_key = "embeddings"
+
+    def __init__(self, plan: QuantPlan, *, bits: int = 8, block_size: int = 32):
+        super().__init__()
+        self.plan = plan
+        self.bits = bits
+        self.block_size = block_size
+
+    def rewrite(self, model: ir.Model) -> bool:
+        done = quantize_embedding_gathers(model, self.plan, bits=self.bits, block_size=self.block_size)
+        self.report = {"gathers": done, "bits": self.bits, "block_size": self.block_size}
+        return done > 0

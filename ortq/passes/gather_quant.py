@@ -112,11 +112,3 @@ def swap_output(graph: ir.Graph, old: ir.Node, new: ir.Node, old_output: ir.Valu
     new_out.name = name
     graph.remove(old, safe=True)
 
-
-def drop_unused_initializers(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Remove the given initializers from ``graph`` when nothing reads them."""
-    for v in values:
-        if v is None or not v.is_initializer() or v.uses() or v.is_graph_output() or v.is_graph_input():
-            continue
-        if v.name in graph.initializers and graph.initializers[v.name] is v:
-            del graph.initializers[v.name]

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
 
+from ortq.passes.base import ReportingPass
+from ortq.passes.initializers import add_initializer, drop_unused_initializers, unique_name
+from ortq.passes.int4_storage import unpack_nodes
 from ortq.passes.plan import QParams, QuantPlan, quantize_weight
 
 logger = logging.getLogger(__name__)
 
 # Per-channel DequantizeLinear (axis attribute) needs opset 13.
 MIN_QDQ_OPSET = 13
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a typed, shaped initializer called ``name`` and return its value."""
-    value = ir.val(name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique(graph_names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in graph_names:
-        name = f"{base}_{i}"
-        i += 1
-    graph_names.add(name)
-    return name
 
 
 def _axis_attrs(qp: QParams) -> dict[str, int]:
@@ -61,12 +45,12 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
 
     for name, qp in plan.activations.items():
         value = values[name]
-        scale = add_initializer(graph, _unique(names, f"{name}_scale"), qp.scale)
-        zp = add_initializer(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
-        q = ir.node("QuantizeLinear", [value, scale, zp], name=_unique(names, f"{name}_QuantizeLinear"))
-        q.outputs[0].name = _unique(names, f"{name}_quantized")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=_unique(names, f"{name}_DequantizeLinear"))
-        dq.outputs[0].name = _unique(names, f"{name}_dequantized")
+        scale = add_initializer(graph, unique_name(names, f"{name}_scale"), qp.scale)
+        zp = add_initializer(graph, unique_name(names, f"{name}_zero_point"), qp.zero_point)
+        q = ir.node("QuantizeLinear", [value, scale, zp], name=unique_name(names, f"{name}_QuantizeLinear"))
+        q.outputs[0].name = unique_name(names, f"{name}_quantized")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=unique_name(names, f"{name}_DequantizeLinear"))
+        dq.outputs[0].name = unique_name(names, f"{name}_dequantized")
         if value.dtype is not None:
             dq.outputs[0].dtype = value.dtype
         if value.shape is not None:
@@ -81,26 +65,24 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
     for name, qp in plan.weights.items():
         value = values[name]
         w = value.const_value.numpy()
-        scale = add_initializer(graph, _unique(names, f"{name}_scale"), qp.scale)
-        zp = add_initializer(graph, _unique(names, f"{name}_zero_point"), qp.zero_point)
+        scale = add_initializer(graph, unique_name(names, f"{name}_scale"), qp.scale)
+        zp = add_initializer(graph, unique_name(names, f"{name}_zero_point"), qp.zero_point)
         if int4_weights and name in int4_weights:
-            from ortq.passes.int4_storage import unpack_nodes
-
-            unpack, w_float = unpack_nodes(graph, _unique(names, name), int4_weights[name])
+            unpack, w_float = unpack_nodes(graph, unique_name(names, name), int4_weights[name])
             q_node = ir.node(
-                "QuantizeLinear", [w_float, scale, zp], attributes=_axis_attrs(qp), name=_unique(names, f"{name}_int8")
+                "QuantizeLinear", [w_float, scale, zp], attributes=_axis_attrs(qp), name=unique_name(names, f"{name}_int8")
             )
             graph.insert_before(graph.node(0), [*unpack, q_node])
             q_w = q_node.outputs[0]
-            q_w.name = _unique(names, f"{name}_quantized")
+            q_w.name = unique_name(names, f"{name}_quantized")
             anchor = q_node
         else:
             anchor = None
-            q_w = add_initializer(graph, _unique(names, f"{name}_quantized"), quantize_weight(w, qp))
+            q_w = add_initializer(graph, unique_name(names, f"{name}_quantized"), quantize_weight(w, qp))
         dq = ir.node(
-            "DequantizeLinear", [q_w, scale, zp], attributes=_axis_attrs(qp), name=_unique(names, f"{name}_DequantizeLinear")
+            "DequantizeLinear", [q_w, scale, zp], attributes=_axis_attrs(qp), name=unique_name(names, f"{name}_DequantizeLinear")
         )
-        dq.outputs[0].name = _unique(names, f"{name}_dequantized")
+        dq.outputs[0].name = unique_name(names, f"{name}_dequantized")
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(w.shape)
         if anchor is not None:
@@ -118,12 +100,30 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             if v is not None and v.name in dq_of:
                 node.replace_input_with(i, dq_of[v.name])
 
-    _drop_unused_initializers(graph, set(plan.weights))
+    drop_unused_initializers(graph, [values[name] for name in plan.weights])
     return model
 
 
-def _drop_unused_initializers(graph: ir.Graph, names: set[str]) -> None:
-    for name in names:
-        init = graph.initializers.get(name)
-        if init is not None and not init.uses() and not init.is_graph_output():
-            del graph.initializers[name]
+class InsertQDQPass(ReportingPass):
+    """QDQ insertion as a pass: :func:`insert_qdq` with the plan (and int4 codes) given at construction.
+
+    Report: the numbers of activations and weights quantized, of weights stored as int4 codes, and the
+    opset the model ends with.
+    """
+
+    report_key = "insert_qdq"
+
+    def __init__(self, plan: QuantPlan, *, int4_weights: dict | None = None):
+        super().__init__()
+        self.plan = plan
+        self.int4_weights = int4_weights
+
+    def rewrite(self, model: ir.Model) -> bool:
+        insert_qdq(model, self.plan, int4_weights=self.int4_weights)
+        self.report = {
+            "activations": len(self.plan.activations),
+            "weights": len(self.plan.weights),
+            "int4_weights": len(self.int4_weights or {}),
+            "opset": model.opset_imports.get("", 0),
+        }
+        return bool(self.plan.activations or self.plan.weights)

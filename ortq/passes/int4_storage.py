@@ -12,13 +12,15 @@ QDQ fusion turns into ``MatMulIntegerToFloat``: the model is as small as int4 an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import BlockQuantized, pack, quantize_gptq, quantize_rtn
-from ortq.passes.insert_qdq import add_initializer
+from ortq.passes.base import ReportingPass
+from ortq.passes.initializers import add_initializer
+from ortq.passes.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,58 @@ def unpack_nodes(graph: ir.Graph, base: str, bq: BlockQuantized) -> tuple[list[i
     return nodes, w_kn
 
 
-def collect_hessians(model: ir.Model, inputs_of: dict[str, str], batches: Iterable) -> dict[str, np.ndarray]:
-    """``X^T X`` of each weight's activation (``inputs_of``: weight name -> activation name)."""
-    from ortq.passes.matmul_nbits import _collect_statistics
+def int4_targets(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """The MatMul weights ``plan`` quantizes per output channel (axis 1, 2-D) -> the activation each multiplies:
+    the weights int4 storage applies to."""
+    nodes = {n.name: n for n in model.graph}
+    targets: dict[str, str] = {}
+    for name in plan.quantized_nodes:
+        node = nodes[name]
+        w = node.inputs[1] if node.op_type == "MatMul" else None
+        qp = plan.weights.get(w.name) if w is not None else None
+        if qp is not None and qp.axis == 1 and len(w.const_value.shape) == 2 and w.name not in targets:
+            targets[w.name] = node.inputs[0].name
+    return targets
 
-    names = sorted(set(inputs_of.values()))
-    stats = _collect_statistics(model, names, batches, need_hessian=True)
-    return {w: stats[a]["xtx"] for w, a in inputs_of.items() if a in stats}
+
+class Int4StoragePass(ReportingPass):
+    """W4A8: replace each :func:`int4_targets` weight of ``plan`` by its 4-bit values (GPTQ where a Hessian
+    of its activation is given, else RTN) and keep the codes in ``self.codes`` for :class:`InsertQDQPass`.
+
+    The float weights are replaced by their dequantized 4-bit values so that the int8 scales planned
+    afterwards are computed from what the file stores: plan again on the rewritten model.
+
+    Args:
+        plan: the plan of the float model (which weights are quantized per channel).
+        block_size: 4-bit block length along K.
+        hessians: ``X^T X`` per activation name (from :mod:`ortq.calibrators.activations`), or None.
+    """
+
+    report_key = "int4_storage"
+
+    def __init__(self, plan: QuantPlan, *, block_size: int, hessians: Mapping[str, np.ndarray] | None = None):
+        super().__init__()
+        self.plan = plan
+        self.block_size = block_size
+        self.hessians = hessians
+        self.codes: dict[str, BlockQuantized] = {}
+
+    def rewrite(self, model: ir.Model) -> bool:
+        targets = int4_targets(model, self.plan)
+        self.codes = {}
+        if not targets:
+            self.report = {"weights": 0}
+            return False
+        by_weight = None
+        if self.hessians is not None:
+            by_weight = {w: self.hessians[a] for w, a in targets.items() if a in self.hessians}
+        values = {v.name: v for v in model.graph.initializers.values()}
+        self.codes = int4_weights(
+            {w: values[w].const_value.numpy() for w in targets}, block_size=self.block_size, hessians=by_weight
+        )
+        for name, bq in self.codes.items():
+            values[name].const_value = ir.tensor(np.ascontiguousarray(bq.dequantize().T), name=name)
+        algorithm = "GPTQ" if by_weight else "RTN"
+        logger.info("int4 storage for %d weights (%s)", len(self.codes), algorithm)
+        self.report = {"weights": len(self.codes), "algorithm": algorithm.lower(), "block_size": self.block_size}
+        return True

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,15 @@ import onnx_ir as ir
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
 from ortq.errors import CalibrationDataError
 from ortq.passes._int4 import BlockQuantized, quantize_gptq, quantize_rtn
+from ortq.passes.base import ReportingPass
 from ortq.passes.gather_quant import (
     MS_DOMAIN,
-    drop_unused_initializers,
     gather_table,
     replace_gather,
     swap_output,
 )
+from ortq.passes.initializers import drop_unused_initializers
+from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -151,47 +153,11 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
     return sites, gathers
 
 
-def _collect_statistics(model: ir.Model, names: list[str], batches, need_hessian: bool) -> dict[str, dict]:
-    """Stream the activations ``names`` over ``batches`` with ONNX Runtime; per tensor accumulate ``X^T X``
-    (when ``need_hessian``) and the per-channel sum of squares, over non-padded tokens."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for n in names:
-        if n not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del proto
-    inputs = {i.name for i in sess.get_inputs()}
-    stats: dict[str, dict] = {}
-    n_batches = 0
-    for feeds in batches:
-        feeds = {k: v for k, v in feeds.items() if k in inputs}
-        missing = inputs - set(feeds)
-        if missing:
-            raise CalibrationDataError(
-                f"calibration batch lacks graph input(s): {', '.join(sorted(missing))}"
-            )
-        outs = sess.run(names, feeds)
-        mask = feeds.get("attention_mask")
-        for name, x in zip(names, outs, strict=True):
-            x = np.asarray(x, np.float32)
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.astype(bool)]
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            st = stats.setdefault(name, {"count": 0, "sq": 0.0, "xtx": 0.0})
-            st["count"] += x.shape[0]
-            st["sq"] = st["sq"] + (x * x).sum(axis=0)
-            if need_hessian:
-                st["xtx"] = st["xtx"] + x.T @ x
-        n_batches += 1
-    if n_batches == 0:
-        raise CalibrationDataError("calibration data is empty")
-    return stats
+def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
+    """The activations multiplied by the weights :class:`MatMulNBitsPass` would quantize: those whose
+    statistics (mean squares, Hessians) the data-aware algorithms read."""
+    sites, _ = _find_sites(model.graph, config, {})
+    return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
 
 
 def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
@@ -229,15 +195,19 @@ def quantize_weight_only(
     model: ir.Model,
     config: WeightOnlyConfig,
     *,
-    calibration_batches: Iterable[dict[str, np.ndarray]] | None = None,
+    mean_squares: Mapping[str, np.ndarray] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize the constant weights of ``MatMul`` (and embedding ``Gather``) nodes in place.
 
     Args:
         model: the float model (edited in place and returned).
         config: bits, block size, symmetry, accuracy level, algorithm and overrides.
-        calibration_batches: feed dicts for the data-aware parts (required by ``gptq``; with ``rtn`` they
-            weight the clipping search by activation energy).
+        mean_squares: per-channel mean ``x^2`` of each :func:`weight_only_activations` activation, from the
+            calibration data (with ``rtn`` they weight the clipping search by activation energy).
+        hessians: ``X^T X`` of those activations (required by ``gptq``).
+        calibration: what the statistics came from (tokens, activations, seconds), for the report.
 
     Returns:
         The model and a JSON-able report: per quantized node its bits, block size, shape, algorithm and
@@ -246,7 +216,7 @@ def quantize_weight_only(
     t0 = time.perf_counter()
     graph = model.graph
     algorithm = WeightOnlyAlgorithm(config.algorithm)
-    if algorithm == WeightOnlyAlgorithm.GPTQ and calibration_batches is None:
+    if algorithm == WeightOnlyAlgorithm.GPTQ and hessians is None:
         raise CalibrationDataError("algorithm gptq needs calibration data (--calibration-data PATH)")
 
     skipped: dict[str, str] = {}
@@ -273,34 +243,17 @@ def quantize_weight_only(
             elif _reaches_graph_output(site.node.outputs[0]):
                 site.bits, site.why_bits = 8, "auto: output projection (lm_head)"
 
-    # Calibration statistics for the data-aware parts.
-    stats: dict[str, dict] = {}
-    calib_info = None
-    if calibration_batches is not None:
-        act_names = sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
-        need_h = algorithm == WeightOnlyAlgorithm.GPTQ
-        tc = time.perf_counter()
-        stats = _collect_statistics(model, act_names, calibration_batches, need_h)
-        calib_info = {
-            "tokens": int(next(iter(stats.values()))["count"]) if stats else 0,
-            "activations": len(stats),
-            "seconds": round(time.perf_counter() - tc, 2),
-        }
-
+    mean_squares = mean_squares or {}
+    hessians = hessians or {}
     _ensure_opset(model)
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    iterator = tqdm(sites, desc="weight-only", unit="layer", leave=False) if tqdm else sites
-    for site in iterator:
+    for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.w.shape
         w_t = np.ascontiguousarray(site.w.T)
-        st = stats.get(site.node.inputs[0].name) if site.node.inputs[0] is not None else None
-        xtx = st["xtx"] if st is not None and isinstance(st.get("xtx"), np.ndarray) else None
-        importance = (st["sq"] / max(st["count"], 1)) if st is not None and not site.tied_gather else None
+        act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
+        xtx = hessians.get(act)
+        importance = mean_squares.get(act) if not site.tied_gather else None
         use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
         bs, sym = _layer_format(config, site.bits, k)
         if use_gptq and site.bits == 4:
@@ -378,7 +331,7 @@ def quantize_weight_only(
         "num_quantized": len(nodes_report),
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
-        "calibration": calib_info,
+        "calibration": calibration,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     logger.info(
@@ -427,3 +380,35 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
         swap_output(graph, node, new)
     drop_unused_initializers(graph, [old_weight])
     return b_val, s_val, z_val
+
+
+class MatMulNBitsPass(ReportingPass):
+    """Weight-only quantization (:func:`quantize_weight_only`) as a pass; its report is the pass report.
+
+    Args:
+        config: the weight-only config.
+        mean_squares, hessians, calibration: activation statistics from the calibration step (see
+            :func:`quantize_weight_only`); None without calibration data.
+    """
+
+    report_key = "weight_only"
+
+    def __init__(
+        self,
+        config: WeightOnlyConfig,
+        *,
+        mean_squares: Mapping[str, np.ndarray] | None = None,
+        hessians: Mapping[str, np.ndarray] | None = None,
+        calibration: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.mean_squares = mean_squares
+        self.hessians = hessians
+        self.calibration = calibration
+
+    def rewrite(self, model: ir.Model) -> bool:
+        _, self.report = quantize_weight_only(
+            model, self.config, mean_squares=self.mean_squares, hessians=self.hessians, calibration=self.calibration
+        )
+        return self.report["num_quantized"] > 0

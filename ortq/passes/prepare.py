@@ -21,12 +21,12 @@ from typing import Any
 import onnx
 
 from ortq.errors import ModelError, first_line
-from ortq.io import default_opset
+from ortq.io import default_opset, needs_external_data
+from ortq.runtime import create_session
 
 logger = logging.getLogger(__name__)
 
 TARGET_OPSET = 13
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 QUANTIZED_OPS = (
@@ -98,8 +98,6 @@ def _count_subgraph_nodes(node: onnx.NodeProto) -> int:
 @functools.cache
 def _runtime_supports_opset(opset: int) -> bool:
     """Whether this onnxruntime loads a model stamped with ``opset`` (probed on a one-node model)."""
-    import onnxruntime as ort
-
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])],
         "probe",
@@ -109,8 +107,8 @@ def _runtime_supports_opset(opset: int) -> bool:
     probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     probe.ir_version = onnx.helper.find_min_ir_version_for(list(probe.opset_import), ignore_unknown=True)
     try:
-        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception:
+        create_session(probe.SerializeToString(), what="the opset probe")
+    except ModelError:
         return False
     return True
 
@@ -291,7 +289,7 @@ def _missing_types(model: onnx.ModelProto) -> bool:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    if model.ByteSize() >= _EXTERNAL_DATA_THRESHOLD:
+    if needs_external_data(model):  # shape inference takes the model through one protobuf message
         return model, False
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False), True

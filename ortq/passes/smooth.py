@@ -13,20 +13,15 @@ residual) one ``Mul`` by ``1 / s`` is inserted on the MatMul branch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from ortq.errors import CalibrationDataError, ModelError, first_line
-from ortq.passes.insert_qdq import add_initializer
+from ortq.passes.base import ReportingPass
+from ortq.passes.initializers import add_initializer
 from ortq.passes.plan import ensure_node_names
 
 logger = logging.getLogger(__name__)
@@ -77,91 +72,6 @@ def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> l
         if ln_ok:
             group.folded_into = producer.name
     return list(groups.values())
-
-
-def channel_absmax(
-    model_path: str | os.PathLike | onnx.ModelProto,
-    activations: list[str],
-    batches: Iterable[dict[str, np.ndarray]],
-    *,
-    sample_rows: int = 0,
-) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel (last axis) max |x| of ``activations``, reduced inside the graph batch by batch.
-
-    With ``sample_rows`` > 0, also returns up to that many rows of each activation (non-padded positions of
-    the first batches), for the alpha search.
-    """
-    import onnxruntime as ort
-
-    if isinstance(model_path, onnx.ModelProto):  # the prepared model: copied, the augmentation must not leak
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model_path)
-    else:
-        proto = onnx.load(str(model_path))
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    outputs = []
-    for i, name in enumerate(activations):
-        abs_out = f"__ortq_abs_{i}"
-        red_out = f"__ortq_chmax_{i}"
-        proto.graph.node.append(onnx.helper.make_node("Abs", [name], [abs_out]))
-        # Flatten all leading axes, then max over them: a [C] vector whatever the rank.
-        flat = f"__ortq_flat_{i}"
-        proto.graph.node.append(onnx.helper.make_node("Flatten", [abs_out], [flat], axis=-1))
-        if opset >= 18:
-            axes = f"__ortq_axes_{i}"
-            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), axes))
-            proto.graph.node.append(onnx.helper.make_node("ReduceMax", [flat, axes], [red_out], keepdims=0))
-        else:
-            proto.graph.node.append(onnx.helper.make_node("ReduceMax", [flat], [red_out], axes=[0], keepdims=0))
-        outputs.append(red_out)
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(red_out))
-        if sample_rows:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    stats: dict[str, np.ndarray] = {}
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
-    taken = 0
-    with contextlib.ExitStack() as stack:
-        if proto.ByteSize() > 1_800_000_000:  # too big for one protobuf: through a temporary folder
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ortq-smooth-"))
-            path = Path(tmp) / "model.onnx"
-            onnx.save_model(proto, str(path), save_as_external_data=True)
-            source: str | bytes = str(path)
-        else:
-            source = proto.SerializeToString()
-        try:
-            sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ONNX Runtime rejects the model: a user-facing error, not a crash
-            raise ModelError(f"onnxruntime could not load the model for SmoothQuant: {first_line(exc)}") from exc
-        input_names = {i.name for i in sess.get_inputs()}
-        for feeds in batches:
-            feeds = {k: v for k, v in feeds.items() if k in input_names}
-            want_rows = sample_rows and taken < sample_rows
-            fetch = outputs + (list(activations) if want_rows else [])
-            try:
-                values = sess.run(fetch, feeds)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"onnxruntime failed on a calibration batch: {first_line(exc)}"
-                ) from exc
-            for name, value in zip(activations, values[: len(activations)]):
-                value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-                stats[name] = value if name not in stats else np.maximum(stats[name], value)
-            if want_rows:
-                mask = feeds.get("attention_mask")
-                n_rows = 0
-                for name, x in zip(activations, values[len(activations) :]):
-                    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                        rows = x[mask.astype(bool)]
-                    else:
-                        rows = x.reshape(-1, x.shape[-1])
-                    rows = rows[np.isfinite(rows).all(axis=1)][: sample_rows - taken]
-                    samples[name].append(rows.astype(np.float32))
-                    n_rows = len(rows)
-                taken += n_rows
-    if not sample_rows:
-        return stats
-    # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped.
-    return stats, {k: np.concatenate(v) for k, v in samples.items() if sum(len(a) for a in v)}
 
 
 def _fake_quant(x: np.ndarray, axis: int | None, symmetric: bool, qmax: int) -> np.ndarray:
@@ -303,3 +213,66 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, su
         del graph.initializers[old.name]
 
 
+
+
+class SmoothQuantPass(ReportingPass):
+    """SmoothQuant on the float model, from activation statistics gathered beforehand.
+
+    Args:
+        alpha: one strength for every activation, or ``"auto"``: per activation, the strength (or none) whose
+            int8 MatMuls best reproduce the float outputs on the sampled rows (:func:`search_alpha`).
+        absmax: per-channel ``max |x|`` of each :func:`smooth_groups` activation.
+        rows: sampled rows of each activation (needed by ``"auto"``).
+        weight_block_size: simulate the weights as 4-bit blocks of this size in the search (int4 storage).
+
+    Report: ``{"alpha": alpha, "activations": {name: {"alpha", "scale_min", "scale_max", "folded", ...}}}``.
+    """
+
+    report_key = "smooth_quant"
+
+    def __init__(
+        self,
+        alpha: float | str,
+        absmax: Mapping[str, np.ndarray],
+        rows: Mapping[str, np.ndarray] | None = None,
+        *,
+        weight_block_size: int | None = None,
+    ):
+        super().__init__()
+        self.alpha = alpha
+        self.absmax = dict(absmax)
+        self.rows = dict(rows or {})
+        self.weight_block_size = weight_block_size
+
+    def rewrite(self, model: ir.Model) -> bool:
+        groups = smooth_groups(model)
+        if not groups:
+            logger.info("SmoothQuant: no MatMul with a constant weight to smooth")
+            self.report = {"alpha": self.alpha, "activations": {}}
+            return False
+        if self.alpha == "auto":
+            nodes = {n.name: n for n in model.graph}
+            chosen: dict[str, float] = {}
+            errors: dict[str, dict[str, float]] = {}
+            for g in groups:
+                if g.activation not in self.rows:
+                    continue
+                weights = [nodes[m].inputs[1].const_value.numpy() for m in g.matmuls]
+                best, errs = search_alpha(
+                    self.rows[g.activation], weights, self.absmax[g.activation],
+                    weight_block_size=self.weight_block_size,
+                )
+                errors[g.activation] = errs
+                if best is not None:
+                    chosen[g.activation] = best
+            summary = apply_smoothing(model, groups, self.absmax, chosen)
+            for name, errs in errors.items():
+                entry = summary.setdefault(name, {"alpha": None})
+                entry["relative_error_unsmoothed"] = errs["none"]
+                entry["relative_error_chosen"] = min(errs.values())
+        else:
+            summary = apply_smoothing(model, groups, self.absmax, float(self.alpha))
+        self.report = {"alpha": self.alpha, "activations": summary}
+        smoothed = sum(1 for v in summary.values() if v.get("alpha") is not None)
+        logger.info("SmoothQuant (alpha %s) on %d of %d activations", self.alpha, smoothed, len(groups))
+        return smoothed > 0

@@ -1,0 +1,154 @@
+"""Activation statistics the rewrite passes need, gathered over the calibration batches.
+
+* :func:`channel_absmax`: per-channel (last axis) ``max |x|``, reduced inside the graph, and optionally a
+  sample of non-padded rows: what SmoothQuant scales and its alpha search read.
+* :func:`second_moments`: per-channel sum of squares and row count (RTN's channel weighting) and, on request,
+  ``X^T X`` (GPTQ's Hessian), over non-padded positions, accumulated in float64.
+
+Both run the model through :mod:`ortq.runtime` (one session, one loop); the passes receive the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ortq.calibrators.graph import observed_session
+from ortq.errors import CalibrationDataError
+from ortq.runtime import SessionSettings, attention_mask_of, run_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ActivationStatistics:
+    """Statistics of activations, by tensor name; each field is filled only when asked for.
+
+    Attributes:
+        absmax: per-channel ``max |x|`` (non-finite values count as 0).
+        rows: up to ``sample_rows`` finite, non-padded rows ``[n, C]``; an activation with none is absent.
+        count: non-padded rows seen.
+        sum_squares: per-channel ``sum x^2`` (float64).
+        hessians: ``X^T X`` (float64, ``[C, C]``).
+    """
+
+    absmax: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    sum_squares: dict[str, np.ndarray] = field(default_factory=dict)
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def mean_square(self, name: str) -> np.ndarray | None:
+        """Per-channel mean of ``x^2`` of ``name``, if gathered."""
+        if name not in self.sum_squares:
+            return None
+        return self.sum_squares[name] / max(self.count.get(name, 0), 1)
+
+    @property
+    def tokens(self) -> int:
+        """Non-padded rows seen (of the first activation)."""
+        return int(next(iter(self.count.values()), 0))
+
+
+def _absmax_additions(model: ir.Model, activations: Sequence[str], sample_rows: int) -> tuple[onnx.ModelProto, list[str]]:
+    aug = onnx.ModelProto()
+    g = aug.graph
+    opset = model.opset_imports.get("", 0)
+    outputs = []
+    existing = {o.name for o in model.graph.outputs}
+    for i, name in enumerate(activations):
+        abs_out, flat, red_out = f"__ortq_abs_{i}", f"__ortq_flat_{i}", f"__ortq_chmax_{i}"
+        g.node.append(onnx.helper.make_node("Abs", [name], [abs_out]))
+        # Flatten all leading axes, then max over them: a [C] vector whatever the rank.
+        g.node.append(onnx.helper.make_node("Flatten", [abs_out], [flat], axis=-1))
+        if opset >= 18:
+            axes = f"__ortq_axes_{i}"
+            g.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), axes))
+            g.node.append(onnx.helper.make_node("ReduceMax", [flat, axes], [red_out], keepdims=0))
+        else:
+            g.node.append(onnx.helper.make_node("ReduceMax", [flat], [red_out], axes=[0], keepdims=0))
+        outputs.append(red_out)
+        g.output.append(onnx.helper.make_empty_tensor_value_info(red_out))
+        if sample_rows and name not in existing:
+            g.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return aug, outputs
+
+
+def channel_absmax(
+    model: ir.Model,
+    activations: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    sample_rows: int = 0,
+) -> ActivationStatistics:
+    """Per-channel ``max |x|`` of ``activations`` (and up to ``sample_rows`` rows of each, from the first
+    batches, for the alpha search). ``model`` is not changed."""
+    activations = list(activations)
+    additions, outputs = _absmax_additions(model, activations, sample_rows)
+    session = observed_session(model, additions, settings=SessionSettings(), what="the model for SmoothQuant")
+    stats = ActivationStatistics()
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
+    taken = 0
+    for batch in batches:
+        want_rows = bool(sample_rows) and taken < sample_rows
+        fetch = outputs + (activations if want_rows else [])
+        ((_, values),) = run_batches(session, [batch], fetch, what="a calibration batch")
+        for name, out in zip(activations, outputs, strict=True):
+            value = np.nan_to_num(values[out].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            stats.absmax[name] = value if name not in stats.absmax else np.maximum(stats.absmax[name], value)
+        if want_rows:
+            mask = attention_mask_of(batch)
+            n_rows = 0
+            for name in activations:
+                x = values[name]
+                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                    rows = x[mask.astype(bool)]
+                else:
+                    rows = x.reshape(-1, x.shape[-1])
+                rows = rows[np.isfinite(rows).all(axis=1)][: sample_rows - taken]
+                samples[name].append(rows.astype(np.float32))
+                n_rows = len(rows)
+            taken += n_rows
+    # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped.
+    stats.rows = {k: np.concatenate(v) for k, v in samples.items() if sum(len(a) for a in v)}
+    return stats
+
+
+def second_moments(
+    model: ir.Model,
+    activations: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    hessians: bool = False,
+) -> ActivationStatistics:
+    """Row count and per-channel sum of squares of ``activations`` over non-padded positions, and their
+    ``X^T X`` with ``hessians`` (float64). ``model`` is not changed."""
+    names = list(dict.fromkeys(activations))
+    additions = onnx.ModelProto()
+    existing = {o.name for o in model.graph.outputs}
+    additions.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    session = observed_session(
+        model, additions, settings=SessionSettings(optimization="disable"), what="the model for weight statistics"
+    )
+    stats = ActivationStatistics()
+    seen = 0
+    for batch, outs in run_batches(session, batches, names, what="a calibration batch"):
+        seen += 1
+        mask = attention_mask_of(batch)
+        for name in names:
+            x = np.asarray(outs[name], np.float32)
+            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.astype(bool)]
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            stats.count[name] = stats.count.get(name, 0) + x.shape[0]
+            stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
+            if hessians:
+                stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
+    if seen == 0:
+        raise CalibrationDataError("calibration data is empty")
+    return stats

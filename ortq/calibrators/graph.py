@@ -1,0 +1,86 @@
+"""Sessions on a model with observation outputs added, for the calibration step.
+
+The model (an ``onnx_ir.Model``) is serialized once, for ONNX Runtime only: written to a temporary folder
+with its weights as external data (tensor by tensor, never a second in-memory copy of all of them), the
+additions (extra nodes and outputs, a ``ModelProto`` holding only them) appended to the protobuf file, which
+protobuf merges on parsing. The folder is removed once the session is created (on POSIX a data file ONNX
+Runtime mapped stays valid once unlinked; elsewhere the folder lives as long as the session).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from ortq.errors import ModelError
+from ortq.runtime import SessionSettings, create_session, normalize_provider
+
+_DATA_FILE = "model.onnx.data"
+
+
+def as_ir_model(model: ir.Model | onnx.ModelProto | str | os.PathLike) -> ir.Model:
+    """An ``onnx_ir.Model`` view of ``model`` (a proto is wrapped, its tensors are not copied)."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(model)
+    try:
+        return ir.load(str(model))
+    except Exception as exc:
+        raise ModelError(f"{model}: cannot load ({exc})") from exc
+
+
+def observed_session(
+    model: ir.Model,
+    additions: onnx.ModelProto | None = None,
+    *,
+    settings: SessionSettings | None = None,
+    providers: Sequence[str] | None = None,
+    what: str = "the model for calibration",
+):
+    """A session on ``model`` merged with ``additions`` (nodes, outputs, initializers appended to its graph).
+
+    Args:
+        model: the model; left unchanged.
+        additions: a ``ModelProto`` whose graph holds only what to append, or None.
+        settings: session settings (default: :class:`~ortq.runtime.SessionSettings`).
+        providers: ONNX Runtime provider names; the first one is used (default CPU).
+        what: how error messages name the model.
+    """
+    tmp = tempfile.TemporaryDirectory(prefix="ortq-observe-", ignore_cleanup_errors=True)
+    try:
+        path = Path(tmp.name) / "model.onnx"
+        ir.save(model, path, external_data=_DATA_FILE)
+        if additions is not None:
+            with open(path, "ab") as f:
+                f.write(additions.SerializeToString())
+        provider = normalize_provider(providers[0]) if providers else "cpu"
+        session = create_session(str(path), provider=provider, settings=settings, what=what)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    if os.name == "posix":
+        tmp.cleanup()  # the session has read the files; a mapped data file stays valid once unlinked
+    else:
+        session._ortq_tmp = tmp  # a mapped file cannot be removed here: the folder lives with the session
+    return session
+
+
+def light_proto(model: ir.Model, max_init_bytes: int = 4096) -> onnx.ModelProto:
+    """``model`` without its large initializers (declared as graph inputs instead): enough for shape
+    inference, without copying the weights. Small initializers (shape constants) keep their values."""
+    light = model.clone()
+    graph = light.graph
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes > max_init_bytes or isinstance(tensor, ir.ExternalTensor):
+            graph.initializers.pop(name)
+            value.const_value = None
+            if not value.is_graph_input():
+                graph.inputs.append(value)
+    return ir.to_proto(light)
