@@ -1,7 +1,7 @@
 """The package's shape: no import cycle, no import from a lower layer up to a higher one, no module too long.
 
 Layers, top to bottom (a module may import its own layer and the ones below it, never above):
-cli -> pipeline -> quantizer -> fallback -> stages (passes, calibrators, validate, export, recipes, generate)
+cli -> pipeline -> quantizer -> quantize_steps (the orchestrator) -> fallback -> stages (passes, calibrators, validate, export, recipes, generate)
 -> runtime, data -> base (config, io, tasks, progress, hostinfo) -> errors.
 """
 
@@ -17,7 +17,8 @@ LAYERS = [
     ["ortq.config", "ortq.io", "ortq.tasks", "ortq.progress", "ortq.hostinfo"],
     ["ortq.runtime", "ortq.data"],
     ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate"],
-    ["ortq.fallback"],
+    ["ortq.fallback", "ortq.fallback_sim"],
+    ["ortq.quantize_steps"],
     ["ortq.quantizer"],
     ["ortq.pipeline"],
     ["ortq.cli", "ortq"],

@@ -54,100 +54,73 @@ def headline(data: dict[str, Any]) -> str:
     return f"{verdict} — {p.get('name')}: " + ", ".join(parts)
 
 
-def _label_bars(ax, bars, texts) -> None:
+def _bars(ax, title: str, rows: list[tuple[str, float, str, str]], *, empty: str, left: float = 0.0,
+          right: float | None = None) -> None:
+    """One panel: a labelled horizontal bar per ``(label, value, text, color)`` row, or ``empty`` in grey."""
+    ax.set_title(title, fontsize=9, loc="left")
+    if not rows:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color=_GREY)
+        ax.set_axis_off()
+        return
+    labels, values, texts, colors = zip(*rows, strict=True)
+    bars = ax.barh(range(len(rows)), [v - left for v in values], left=left, color=colors, height=0.6)
     for bar, text in zip(bars, texts, strict=True):
         ax.text(bar.get_x() + bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}",
                 va="center", ha="left", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(left, right if right is not None else max(values) * 1.7)
 
 
 def _fidelity(ax, data: dict[str, Any]) -> None:
-    ran = _ran(data)
-    rows, labels = [], []
-    for p in ran:
-        fid = p.get("fidelity") or {}
-        if fid.get("cosine") is None:
-            continue
-        rows += [fid["cosine"], fid.get("cosine_min", fid["cosine"])]
-        labels += [f"{p['name']} mean", f"{p['name']} worst"]
-    ax.set_title("same output? cosine to fp32", fontsize=9, loc="left")
-    if not rows:
-        ax.text(0.5, 0.5, "no fidelity figures", ha="center", va="center", transform=ax.transAxes, color=_GREY)
-        ax.set_axis_off()
-        return
     floor = (data.get("thresholds") or {}).get("cosine_floor")
-    lo = min(min(rows) - (1 - min(rows)) * 0.3, 0.99)
-    lo = max(lo, -1.0)
-    colors = [_GREEN if (floor is None or v >= floor) else _RED for v in rows]
-    bars = ax.barh(range(len(rows)), [v - lo for v in rows], left=lo, color=colors, height=0.6)
-    _label_bars(ax, bars, [f"{v:.4f}" for v in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(lo, 1.0 + (1.0 - lo) * 0.35)
-    ticks = [lo + (1.0 - lo) * i / 3 for i in range(4)]
-    ax.set_xticks(ticks, [f"{t:.4g}" for t in ticks], fontsize=8)
-    ax.axvline(1.0, color=_GREY, lw=0.8, ls=":")
-    if floor is not None and floor >= lo:
-        ax.axvline(floor, color=_RED, lw=0.8, ls="--")
+    rows = []
+    for p in _ran(data):
+        fid = p.get("fidelity") or {}
+        if fid.get("cosine") is not None:
+            for which, value in (("mean", fid["cosine"]), ("worst", fid.get("cosine_min", fid["cosine"]))):
+                color = _GREEN if floor is None or value >= floor else _RED
+                rows.append((f"{p['name']} {which}", value, f"{value:.4f}", color))
+    lo = max(-1.0, min(min((r[1] for r in rows), default=1.0) * 1.3 - 0.3, 0.99))
+    _bars(ax, "same output? cosine to fp32", rows, empty="no fidelity figures", left=lo,
+          right=1.0 + (1.0 - lo) * 0.35)
+    if rows:
+        ticks = [lo + (1.0 - lo) * i / 3 for i in range(4)]
+        ax.set_xticks(ticks, [f"{t:.4g}" for t in ticks], fontsize=8)
+        ax.axvline(1.0, color=_GREY, lw=0.8, ls=":")
+        if floor is not None and floor >= lo:
+            ax.axvline(floor, color=_RED, lw=0.8, ls="--")
 
 
 def _latency(ax, data: dict[str, Any]) -> None:
-    ax.set_title("faster? median ms per batch", fontsize=9, loc="left")
-    rows, labels, colors, texts = [], [], [], []
+    rows = []
     for p in _ran(data):
         lat = p.get("latency") or {}
         ref, q = ((lat.get(k) or {}).get("median_ms") for k in ("reference", "quantized"))
-        if ref is None or q is None:
-            continue
-        speedup = ref / q if q else float("nan")
-        rows += [ref, q]
-        labels += [f"{p['name']} fp32", f"{p['name']} quantized"]
-        colors += [_GREY, _GREEN if speedup >= 1 else _RED]
-        texts += [f"{ref:.1f} ms", f"{q:.1f} ms  ({speedup:.2f}x)"]
-    if not rows:
-        ax.text(0.5, 0.5, "latency not measured", ha="center", va="center", transform=ax.transAxes, color=_GREY)
-        ax.set_axis_off()
-        return
-    bars = ax.barh(range(len(rows)), rows, color=colors, height=0.6)
-    _label_bars(ax, bars, texts)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(rows) * 1.6)
+        if ref is not None and q:
+            rows.append((f"{p['name']} fp32", ref, f"{ref:.1f} ms", _GREY))
+            rows.append((f"{p['name']} quantized", q, f"{q:.1f} ms  ({ref / q:.2f}x)", _GREEN if ref >= q else _RED))
+    _bars(ax, "faster? median ms per batch", rows, empty="latency not measured")
 
 
 def _size(ax, data: dict[str, Any]) -> None:
-    ax.set_title("smaller? MB on disk", fontsize=9, loc="left")
     models = data.get("models", {})
-    sizes = [(models.get(k, {}).get("size_bytes") or 0) / 1e6 for k in ("reference", "quantized")]
-    if not all(sizes):
-        ax.set_axis_off()
-        return
-    bars = ax.barh([0, 1], sizes, color=[_GREY, _BLUE], height=0.6)
-    _label_bars(ax, bars, [f"{sizes[0]:.1f} MB", f"{sizes[1]:.1f} MB  ({sizes[0] / sizes[1]:.1f}x smaller)"])
-    ax.set_yticks([0, 1], ["fp32", "quantized"], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(sizes) * 1.8)
+    ref, q = ((models.get(k, {}).get("size_bytes") or 0) / 1e6 for k in ("reference", "quantized"))
+    rows = [("fp32", ref, f"{ref:.1f} MB", _GREY), ("quantized", q, f"{q:.1f} MB  ({ref / q:.1f}x smaller)", _BLUE)]
+    _bars(ax, "smaller? MB on disk", rows if ref and q else [], empty="sizes unknown")
 
 
 def _task(ax, data: dict[str, Any]) -> None:
-    ax.set_title(f"same answers? task {data.get('task')}", fontsize=9, loc="left")
-    rows, labels, texts = [], [], []
+    rows = []
     for p in _ran(data):
         task = p.get("task") or {}
         if task.get("agreement") is not None:
-            rows.append(task["agreement"])
-            labels.append(f"{p['name']}\n{_metric(task)}")
-            extra = task.get("perplexity_delta_pct")
-            texts.append(f"{task['agreement']:.3f}" + (f"  (perplexity {extra:+.1f}%)" if extra is not None else ""))
-    if not rows:
-        ax.text(0.5, 0.5, "no task metric", ha="center", va="center", transform=ax.transAxes, color=_GREY)
-        ax.set_axis_off()
-        return
-    bars = ax.barh(range(len(rows)), rows, color=_ORANGE, height=0.6)
-    _label_bars(ax, bars, texts)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.6)
-    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+            delta = task.get("perplexity_delta_pct")
+            text = f"{task['agreement']:.3f}" + (f"  (perplexity {delta:+.1f}%)" if delta is not None else "")
+            rows.append((f"{p['name']}\n{_metric(task)}", task["agreement"], text, _ORANGE))
+    _bars(ax, f"same answers? task {data.get('task')}", rows, empty="no task metric", right=1.6)
+    if rows:
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
 
 
 def render_png(data: dict[str, Any]) -> bytes:
