@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.passes.grid import dequantized_weight
+from ortq.passes.initializers import insert_after_producer, values_by_name
 from ortq.passes.plan import QuantPlan, ensure_node_names
 from ortq.runtime import SessionSettings, attention_mask_of, create_session
 from ortq.validate import sample_cosines
@@ -33,9 +34,7 @@ class Simulator:
         ensure_node_names(graph)
         select = ir.val(SELECT_INPUT, ir.DataType.FLOAT, ir.Shape([len(self.nodes)]))
         graph.inputs.append(select)
-        values = {v.name: v for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
-        values.update({v.name: v for v in graph.inputs})
-        values.update(graph.initializers)
+        values = values_by_name(graph)
         simulated: dict[str, ir.Value] = {}
         for name, qp in plan.activations.items():
             x = values[name]
@@ -45,11 +44,7 @@ class Simulator:
                 graph.register_initializer(c)
             q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{name}__sim_q")
             dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{name}__sim_dq")
-            producer = x.producer()
-            if producer is None:
-                graph.insert_before(graph.node(0), [q, dq])
-            else:
-                graph.insert_after(producer, [q, dq])
+            insert_after_producer(graph, x, [q, dq])
             simulated[name] = dq.outputs[0]
         for name, qp in plan.weights.items():
             w = values[name]

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.passes._int4 import BlockQuantized
+from ortq.passes.initializers import block_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,9 @@ def replace_gather(
         data_value.name = f"{base}_gbq_data"
     else:
         codes = bq.q[:, :d]
-        data_value = ir.Value(name=f"{base}_q{bq.bits}", const_value=ir.tensor(_pack_rows(codes, bq.bits)))
-        scales_value = ir.Value(name=f"{base}_scales", const_value=ir.tensor(bq.scales))
-        graph.register_initializer(data_value)
-        graph.register_initializer(scales_value)
-        zp_value = None
-        zp = bq.packed_zero_points()
-        if zp is not None:
-            zp_value = ir.Value(name=f"{base}_zero_points", const_value=ir.tensor(zp))
-            graph.register_initializer(zp_value)
+        data_value, scales_value, zp_value = block_initializers(
+            graph, base, _pack_rows(codes, bq.bits), bq.scales, bq.packed_zero_points(), bq.bits
+        )
     inputs = [data_value, node.inputs[1], scales_value]
     if zp_value is not None:
         inputs.append(zp_value)

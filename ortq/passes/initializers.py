@@ -1,4 +1,5 @@
-"""Initializer helpers shared by the rewrite passes: typed constants, unique names, dropping dead weights."""
+"""Graph-edit helpers shared by the rewrite passes: typed constants, unique names, values by name, inserting
+nodes after a value's producer, block-quantized weights, dropping dead weights."""
 
 from __future__ import annotations
 
@@ -32,3 +33,37 @@ def drop_unused_initializers(graph: ir.Graph, values: list[ir.Value | None]) -> 
             continue
         if v.name in graph.initializers and graph.initializers[v.name] is v:
             del graph.initializers[v.name]
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every value of ``graph`` (node inputs and outputs, graph inputs, initializers) by name."""
+    values = {v.name: v for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
+    values.update({v.name: v for v in graph.inputs})
+    values.update(graph.initializers)
+    return values
+
+
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert ``nodes`` right after the node producing ``value`` (first in the graph for a graph input)."""
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), nodes)
+    else:
+        graph.insert_after(producer, nodes)
+
+
+def block_initializers(
+    graph: ir.Graph, base: str, packed_codes: np.ndarray, scales: np.ndarray, packed_zero_points: np.ndarray | None,
+    bits: int,
+) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+    """Register the codes, scales and (optional) zero points of a block-quantized weight as
+    ``{base}_q{bits}``, ``{base}_scales`` and ``{base}_zero_points``."""
+    data = ir.Value(name=f"{base}_q{bits}", const_value=ir.tensor(packed_codes))
+    scale = ir.Value(name=f"{base}_scales", const_value=ir.tensor(scales))
+    graph.register_initializer(data)
+    graph.register_initializer(scale)
+    zero = None
+    if packed_zero_points is not None:
+        zero = ir.Value(name=f"{base}_zero_points", const_value=ir.tensor(packed_zero_points))
+        graph.register_initializer(zero)
+    return data, scale, zero

@@ -8,7 +8,13 @@ import logging
 import onnx_ir as ir
 
 from ortq.passes.base import ReportingPass
-from ortq.passes.initializers import add_initializer, drop_unused_initializers, unique_name
+from ortq.passes.initializers import (
+    add_initializer,
+    drop_unused_initializers,
+    insert_after_producer,
+    unique_name,
+    values_by_name,
+)
 from ortq.passes.int4_storage import unpack_nodes
 from ortq.passes.plan import QParams, QuantPlan, quantize_weight
 
@@ -39,9 +45,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
     names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
     names |= set(graph.initializers) | {v.name for v in graph.inputs}
     dq_of: dict[str, ir.Value] = {}
-    values = {v.name: v for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
-    values.update({v.name: v for v in graph.inputs})
-    values.update(graph.initializers)
+    values = values_by_name(graph)
 
     for name, qp in plan.activations.items():
         value = values[name]
@@ -55,11 +59,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             dq.outputs[0].dtype = value.dtype
         if value.shape is not None:
             dq.outputs[0].shape = value.shape
-        producer = value.producer()
-        if producer is None:
-            graph.insert_before(graph.node(0), [q, dq])
-        else:
-            graph.insert_after(producer, [q, dq])
+        insert_after_producer(graph, value, [q, dq])
         dq_of[name] = dq.outputs[0]
 
     for name, qp in plan.weights.items():

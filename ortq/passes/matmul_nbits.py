@@ -37,7 +37,7 @@ from ortq.passes.gather_quant import (
     replace_gather,
     swap_output,
 )
-from ortq.passes.initializers import drop_unused_initializers
+from ortq.passes.initializers import block_initializers, drop_unused_initializers
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -348,15 +348,9 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
     node = site.node
     k, n = site.w.shape
     base = site.weight.name or site.name
-    b_val = ir.Value(name=f"{base}_q{bq.bits}", const_value=ir.tensor(bq.packed_codes()))
-    s_val = ir.Value(name=f"{base}_scales", const_value=ir.tensor(bq.scales))
-    graph.register_initializer(b_val)
-    graph.register_initializer(s_val)
-    z_val = None
-    zp = bq.packed_zero_points()
-    if zp is not None:
-        z_val = ir.Value(name=f"{base}_zero_points", const_value=ir.tensor(zp))
-        graph.register_initializer(z_val)
+    b_val, s_val, z_val = block_initializers(
+        graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
+    )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
     if site.bias_add is not None:
