@@ -8,6 +8,7 @@ float-min constants of an additive mask) are excluded and counted.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,12 +39,7 @@ class TensorRange:
             raise ValueError(f"TensorRange low {self.low} > high {self.high}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "low": self.low,
-            "high": self.high,
-            "num_values": self.num_values,
-            "num_excluded": self.num_excluded,
-        }
+        return dataclasses.asdict(self)
 
 
 def split_finite(x: np.ndarray) -> tuple[np.ndarray, int]:

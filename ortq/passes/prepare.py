@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -56,14 +57,9 @@ class Preparation:
     float_nodes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source_opset": self.source_opset,
-            "opset": self.opset,
-            "lifted_constants": self.lifted_constants,
-            "initializers_removed_from_inputs": self.initializer_inputs,
-            "shape_inference": self.shape_inference,
-            "float_nodes": dict(self.float_nodes),
-        }
+        d = dataclasses.asdict(self)
+        d["initializers_removed_from_inputs"] = d.pop("initializer_inputs")
+        return d
 
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,12 +154,13 @@ class Placement:
             d[n.op_type] = d.get(n.op_type, 0) + 1
         return {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for k, v in out.items()}
 
-    def _count(self, category: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for n in self.nodes:
-            if n.category == category:
-                out[n.op_type] = out.get(n.op_type, 0) + 1
-        return dict(sorted(out.items()))
+    def _count(self, category: str | None = None, op_types: frozenset[str] | None = None) -> dict[str, int]:
+        """Nodes by op type: of one category, or of the given op types outside the int8 category."""
+        if op_types is None:
+            counts = Counter(n.op_type for n in self.nodes if n.category == category)
+        else:
+            counts = Counter(n.op_type for n in self.nodes if n.op_type in op_types and n.category != "int8")
+        return dict(sorted(counts.items()))
 
     @property
     def integer_kernels(self) -> dict[str, int]:
@@ -175,11 +177,7 @@ class Placement:
 
     @property
     def qlinear_elementwise(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for n in self.nodes:
-            if n.op_type in QLINEAR_ELEMENTWISE and n.category != "int8":
-                out[n.op_type] = out.get(n.op_type, 0) + 1
-        return dict(sorted(out.items()))
+        return self._count(op_types=QLINEAR_ELEMENTWISE)
 
     @property
     def unfused_qdq(self) -> dict[str, int]:
