@@ -213,7 +213,7 @@ def _smollm2(work: Path, quick: bool) -> list[dict]:
 
     src_dir = work / "smollm2-fp32"
     if not (src_dir / "model.onnx").is_file():
-        export(str(smollm2_source()), src_dir, task="causal-lm", overwrite=True)
+        export(str(smollm2_source()), src_dir, task="causal-lm-no-past", overwrite=True)
     src = src_dir / "model.onnx"
     tok = AutoTokenizer.from_pretrained(str(src_dir))
     seq = 256

@@ -79,8 +79,16 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_export(args: argparse.Namespace) -> int:
     from ortq.export import export
 
-    result = export(args.model, args.output, task=args.task, opset=args.opset, overwrite=args.overwrite)
-    print(f"exported {result.path} (task {result.task}, max abs diff vs torch {result.max_abs_diff:.2e})")
+    result = export(
+        args.model,
+        args.output,
+        task=args.task,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        fused_attention=not args.no_fused_attention,
+    )
+    attention = f", attention {result.attention}" if result.task == "causal-lm" else ""
+    print(f"exported {result.path} (task {result.task}{attention}, max abs diff vs torch {result.max_abs_diff:.2e})")
     return 0
 
 
@@ -277,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset of the graph, 11-23 (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
+    p.add_argument(
+        "--no-fused-attention",
+        action="store_true",
+        help="causal-lm: keep attention as standard ONNX ops instead of ONNX Runtime's GroupQueryAttention",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("quantize", help="quantize an ONNX model (static QDQ int8 or weight-only int4)")

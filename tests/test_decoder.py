@@ -41,6 +41,10 @@ def test_graph_takes_and_returns_the_cache(tiny_llama_dir):
     assert present[2].dim_param == "total_sequence_length"
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["ortq.task"] == "causal-lm"
+    # Each layer's attention is one fused ONNX Runtime op; no float attention MatMuls are left.
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
     genai = json.loads((tiny_llama_dir / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
@@ -157,6 +161,38 @@ def test_architectures_export_with_past_and_generate_like_transformers(arch, tmp
     src = _save_source(model, tok, tmp_path / "src")
     result = export(src, tmp_path / "onnx")
     assert result.task == "causal-lm" and "present.1.value" in result.output_names
+    assert result.attention == "GroupQueryAttention"
     assert result.max_rel_diff < 1e-4
     got = Generator(tmp_path / "onnx").generate(PROMPT, max_new_tokens=12)
     assert got.token_ids == _hf_greedy(src, PROMPT, len(got.token_ids))
+
+
+def test_fused_attention_matches_the_unfused_graph_step_by_step(tiny_llama_src, tiny_llama_dir, tmp_path):
+    unfused = export(tiny_llama_src, tmp_path / "unfused", fused_attention=False)
+    assert unfused.attention == "standard"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "unfused" / "model.onnx")).graph.node]
+    assert "GroupQueryAttention" not in ops and "Softmax" in ops
+    fused, plain = Generator(tiny_llama_dir), Generator(tmp_path / "unfused")
+    caches = [[spec.empty_past(1) for spec in g.past] for g in (fused, plain)]
+    ids = list(PROMPT)
+    chunks = [ids, [ids[-1]], [ids[2]], [ids[3], ids[4], ids[5]]]
+    seen = 0
+    for chunk in chunks:
+        (a, caches[0]), (b, caches[1]) = (
+            g.step(np.asarray([chunk]), c, seen) for g, c in zip((fused, plain), caches, strict=True)
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        for x, y in zip(*caches, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        seen += len(chunk)
+    # A batched prefill with right padding: rows of different lengths.
+    gen = fused
+    batch = np.asarray([PROMPT, PROMPT[:4] + [0, 0, 0]])
+    mask = np.asarray([[1] * 7, [1] * 4 + [0] * 3])
+    feeds = {"input_ids": batch, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(1) - 1, 0, None)}
+    feeds.update({s.name: s.empty_past(2) for s in gen.past})
+    logits = gen.session.run(["logits"], feeds)[0]
+    single = Generator(tmp_path / "unfused").session.run(
+        ["logits"], {**{k: v[1:, :4] for k, v in feeds.items() if k in ("input_ids", "attention_mask", "position_ids")},
+                     **{s.name: s.empty_past(1) for s in gen.past}})[0]
+    np.testing.assert_allclose(logits[1, :4], single[0], rtol=1e-4, atol=1e-5)

@@ -24,6 +24,7 @@ from typing import Any
 import onnx
 
 from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
+from ortq.export.attention import OP_TYPE as FUSED_OP
 from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
 from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
@@ -57,6 +58,7 @@ class ExportResult:
         tied_weights: graph initializer -> the initializer it duplicates (transposed), e.g. the lm_head
             MatMul weight of a model with tied input/output embeddings.
         files: the file names in ``output_dir``.
+        attention: ``GroupQueryAttention`` when the decoder's attention is fused, else ``standard``.
     """
 
     output_dir: Path
@@ -74,6 +76,7 @@ class ExportResult:
     external_data: bool
     tied_weights: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    attention: str = "standard"
 
     @property
     def path(self) -> Path:
@@ -94,6 +97,7 @@ def export(
     overwrite: bool = False,
     check_parity: bool = True,
     max_length: int | None = None,
+    fused_attention: bool = True,
     exporter: str = "auto",
 ) -> ExportResult:
     """Export ``model`` to ``output_dir/model.onnx`` (plus tokenizer and config files) and check parity.
@@ -117,6 +121,9 @@ def export(
             more than 1% of the output's range).
         max_length: longest sequence the parity inputs use and recorded in the model's metadata.
         exporter: ``"auto"`` (TorchScript, then dynamo on failure), ``"torchscript"`` or ``"dynamo"``.
+        fused_attention: ``causal-lm`` only: export each self-attention as one ONNX Runtime
+            ``GroupQueryAttention`` (CPU and CUDA EPs), as onnxruntime-genai does; a model whose attention it
+            cannot express falls back to standard ops with a warning (``ExportResult.attention`` says which).
 
     Raises:
         ExportError: the model cannot be loaded, exported, or its ONNX outputs differ from PyTorch.
@@ -145,8 +152,11 @@ def export(
         else:
             hf_model, tokenizer, config, task = load_transformers(model, task)
         task = task or task_from_config(config)
-        if TASK_SPECS[task].with_past and example_inputs is None and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
-            spec = decoder_spec(hf_model, tokenizer, max_positions(config, max_length))
+        with_past = TASK_SPECS[task].with_past and example_inputs is None
+        if with_past and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
+            spec = decoder_spec(
+                hf_model, tokenizer, max_positions(config, max_length), fused_attention=fused_attention
+            )
         else:
             spec = transformers_spec(
                 hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
@@ -154,31 +164,17 @@ def export(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model_path = tmp / MODEL_FILENAME
-        t0 = time.perf_counter()
-        used = convert(spec, model_path, opset, exporter)
-        export_seconds = time.perf_counter() - t0
-        proto = onnx.load(str(model_path), load_external_data=True)
-        initializers = {t.name for t in proto.graph.initializer}
-        graph_inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
-        unused = [n for n in spec.input_names if n not in graph_inputs]
-        if unused:
-            logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
-        drop_weight_identities(proto)
-        tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
-        set_metadata(proto, spec.task, max_length, used, tied)
-        for f in list(tmp.iterdir()):  # exporters may write external data files; save_model rewrites them
-            f.unlink()
-        save_model(proto, model_path)
-        external = (tmp / (MODEL_FILENAME + ".data")).exists()
         try:
-            onnx.checker.check_model(str(model_path) if external else proto)
-        except Exception as exc:
-            raise ExportError(f"the exported graph fails onnx.checker: {first_line(exc)}") from exc
-        del proto
-        max_abs = max_rel = None
-        shapes: tuple[tuple[int, ...], ...] = ()
-        if check_parity:
-            max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
+            written = _write_graph(spec, model_path, opset, exporter, hf_model, max_length, check_parity)
+        except ExportError as exc:
+            if not spec.custom_opsets:
+                raise
+            logger.warning("fused attention not exported (%s); exporting standard attention ops", exc)
+            for f in list(tmp.iterdir()):
+                f.unlink()
+            spec = decoder_spec(hf_model, tokenizer, max_positions(config, max_length), fused_attention=False)
+            written = _write_graph(spec, model_path, opset, exporter, hf_model, max_length, check_parity)
+        used, export_seconds, graph_inputs, tied, external, attention, max_abs, max_rel, shapes = written
         if config is not None:
             save_side_files(config, tokenizer, hf_model, tmp)
         if spec.kv_cache is not None:
@@ -222,7 +218,39 @@ def export(
         external_data=external,
         tied_weights=tied,
         files=files,
+        attention=attention,
     )
+
+
+def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, max_length, check_parity: bool):
+    """Convert ``spec`` to ``model_path``, clean the graph, save, check it and compare it with PyTorch."""
+    t0 = time.perf_counter()
+    used = convert(spec, model_path, opset, exporter)
+    export_seconds = time.perf_counter() - t0
+    proto = onnx.load(str(model_path), load_external_data=True)
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
+    unused = [n for n in spec.input_names if n not in graph_inputs]
+    if unused:
+        logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
+    drop_weight_identities(proto)
+    tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
+    attention = FUSED_OP if any(n.op_type == FUSED_OP for n in proto.graph.node) else "standard"
+    set_metadata(proto, spec.task, max_length, used, tied)
+    for f in list(model_path.parent.iterdir()):  # exporters may write external data files; save_model rewrites
+        f.unlink()
+    save_model(proto, model_path)
+    external = (model_path.parent / (MODEL_FILENAME + ".data")).exists()
+    try:
+        onnx.checker.check_model(str(model_path) if external else proto)
+    except Exception as exc:
+        raise ExportError(f"the exported graph fails onnx.checker: {first_line(exc)}") from exc
+    del proto
+    max_abs = max_rel = None
+    shapes: tuple[tuple[int, ...], ...] = ()
+    if check_parity:
+        max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
+    return used, export_seconds, graph_inputs, tied, external, attention, max_abs, max_rel, shapes
 
 
 def _is_transformers_model(module: Any) -> bool:

@@ -25,6 +25,8 @@ def convert(spec: ExportSpec, path: Path, opset: int, exporter: str) -> str:
     order = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}[
         exporter
     ]
+    if spec.custom_opsets:  # contrib ops come from TorchScript symbolics only
+        order = ("torchscript",)
     errors = []
     for name in order:
         try:
@@ -43,6 +45,7 @@ def convert(spec: ExportSpec, path: Path, opset: int, exporter: str) -> str:
                         opset_version=opset,
                         do_constant_folding=True,
                         dynamo=False,
+                        custom_opsets=spec.custom_opsets or {},
                     )
                 else:
                     program = torch.onnx.export(

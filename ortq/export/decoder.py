@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from ortq.errors import ExportError, require
+from ortq.export import attention
 from ortq.export.spec import PARITY_TEXTS, ExportSpec, text_inputs
 from ortq.tasks import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
@@ -63,13 +64,16 @@ def present_names(num_layers: int) -> list[str]:
     return [n.format(layer=i) for i in range(num_layers) for n in (PRESENT_KEY, PRESENT_VALUE)]
 
 
-def _wrapper(model: Any, num_layers: int):
+def _wrapper(model: Any, num_layers: int, fused: bool):
     """A module taking ``(input_ids, attention_mask, position_ids, *past)`` positionally and returning
-    ``(logits, *present)``: the cache travels as plain tensors in and out."""
+    ``(logits, *present)``: the cache travels as plain tensors in and out. ``fused``: every self-attention
+    becomes one ``GroupQueryAttention`` (see :mod:`ortq.export.attention`)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
 
     keyword = _cache_keyword(model)
+    if fused:
+        attention.register()
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self):
@@ -77,30 +81,36 @@ def _wrapper(model: Any, num_layers: int):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = transformers.DynamicCache(
-                [(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=self.model.config
-            )
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{keyword: cache},
-            )
-            present = []
-            for layer in _cache_of(out).layers:
-                present += [layer.keys, layer.values]
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(num_layers)]
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            if not fused:
+                cache = transformers.DynamicCache(pairs, config=self.model.config)
+                out = self.model(**inputs, use_cache=True, **{keyword: cache})
+                present = [t for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
+                return (out.logits, *present)
+            with (
+                attention.fused_step(pairs, attention_mask) as step,
+                attention.attention_implementation(self.model, attention.IMPLEMENTATION),
+            ):
+                cache = attention.new_only_cache(pairs, self.model.config)
+                out = self.model(**inputs, use_cache=True, **{keyword: cache})
+            if sorted(step["present"]) != list(range(num_layers)):
+                raise attention.FusedAttentionUnsupported(
+                    f"{type(self.model).__name__}: not every layer's attention went through the fused op"
+                )
+            present = [t for i in range(num_layers) for t in step["present"][i]]
             return (out.logits, *present)
 
     return DecoderWithPast().eval()
 
 
-def decoder_spec(model: Any, tokenizer: Any, max_length: int) -> ExportSpec:
-    """What to trace for ``causal-lm``: the decoder with its cache as graph inputs and outputs."""
+def decoder_spec(model: Any, tokenizer: Any, max_length: int, *, fused_attention: bool = True) -> ExportSpec:
+    """What to trace for ``causal-lm``: the decoder with its cache as graph inputs and outputs, attention fused
+    into ``GroupQueryAttention`` when ``fused_attention``."""
     torch = require("torch", "export")
     model.config.use_cache = True
     layers, heads, head_dim = cache_layout(model)
-    module = _wrapper(model, layers)
+    module = _wrapper(model, layers, fused_attention)
     past, present = past_names(layers), present_names(layers)
 
     def empty(batch: int) -> list[Any]:
@@ -124,7 +134,8 @@ def decoder_spec(model: Any, tokenizer: Any, max_length: int) -> ExportSpec:
         pos = torch.arange(n, n + new_tokens)[None]
         return (tail, mask, pos, *cached), None
 
-    # Traced with a non-empty past so that no shape is specialised to 0.
+    # Traced with a non-empty past so that no shape is specialised to 0 (batch 1: GroupQueryAttention on CPU
+    # takes a multi-token chunk over a cache only at batch 1).
     example = step(PARITY_TEXTS[1], 3)[0]
     parity = [prefill([PARITY_TEXTS[1], PARITY_TEXTS[2], PARITY_TEXTS[3]]), step(PARITY_TEXTS[0], 1),
               step(PARITY_TEXTS[3], 4)]
@@ -147,5 +158,6 @@ def decoder_spec(model: Any, tokenizer: Any, max_length: int) -> ExportSpec:
         parity=[p[0] for p in parity],
         masks=[p[1] for p in parity],
         kv_cache=(layers, heads, head_dim),
+        custom_opsets={"com.microsoft": 1} if fused_attention else None,
         context_length=int(getattr(model.config, "max_position_embeddings", 0) or 0) or None,
     )

@@ -37,6 +37,7 @@ class ExportSpec:
     masks: list[Any]  # attention masks of the parity inputs (None: compare every position)
     kv_cache: tuple[int, int, int] | None = None  # (layers, kv_heads, head_dim) of a decoder with past
     context_length: int | None = None  # the longest sequence the model was trained for
+    custom_opsets: dict[str, int] | None = None  # domains of contrib ops the module's symbolics emit
 
 
 def _keyword_wrapper(model: Any, input_names: Sequence[str], output_name: str, extra: Mapping[str, Any]):
