@@ -74,6 +74,10 @@ def _function():
                 f"com.microsoft::{OP_TYPE}", flat(query), flat(key), flat(value), past_key, past_value,
                 seqlens_k, total_length, outputs=3, **attrs,
             )
+            # Types of the contrib op's outputs (rank and dtype; sizes symbolic), which the exporter cannot infer.
+            out.setType(query.type().with_sizes([None, None, None]))
+            for present in (present_key, present_value):
+                present.setType(past_key.type().with_sizes([None, None, None, None]))
             heads = g.op("Constant", value_t=torch.tensor([0, 0, num_heads, -1], dtype=torch.int64))
             return g.op("Reshape", out, heads), present_key, present_value
 
