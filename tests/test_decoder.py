@@ -196,3 +196,21 @@ def test_fused_attention_matches_the_unfused_graph_step_by_step(tiny_llama_src, 
         ["logits"], {**{k: v[1:, :4] for k, v in feeds.items() if k in ("input_ids", "attention_mask", "position_ids")},
                      **{s.name: s.empty_past(1) for s in gen.past}})[0]
     np.testing.assert_allclose(logits[1, :4], single[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_with_past_generates_like_transformers_and_onnxruntime_genai(smollm2_gguf, tmp_path):
+    result = export(smollm2_gguf, tmp_path / "fp32")
+    assert result.attention == "GroupQueryAttention" and result.max_rel_diff < 1e-3
+    gen = Generator(tmp_path / "fp32", threads=2)
+    ours = gen.generate("The history of the printing press begins", max_new_tokens=32)
+    assert len(ours.token_ids) == 32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ours.prompt_ids]), max_new_tokens=32, do_sample=False)
+    assert ours.token_ids == ref[0, len(ours.prompt_ids):].tolist()
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'ortq[llm]')")
+    theirs = Generator(tmp_path / "fp32", engine="genai").generate(ours.prompt_ids, max_new_tokens=32)
+    assert theirs.token_ids == ours.token_ids
