@@ -104,3 +104,16 @@ def test_no_upward_import():
 def test_module_size(module):
     lines = len(_modules()[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it by job"
+
+
+def test_sessions_are_opened_in_one_place():
+    """Every ONNX Runtime session comes from ``ortq.runtime.create_session`` (threads, spinning, providers and
+    the >2 GB path decided once), and the 2 GB threshold is written once, in ``ortq.io``."""
+    sessions, thresholds = [], []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if "InferenceSession(" in text and name != "ortq.runtime":
+            sessions.append(name)
+        if "1_800_000_000" in text and name != "ortq.io":
+            thresholds.append(name)
+    assert sessions == [] and thresholds == []
