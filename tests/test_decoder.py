@@ -214,3 +214,17 @@ def test_smollm2_with_past_generates_like_transformers_and_onnxruntime_genai(smo
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'ortq[llm]')")
     theirs = Generator(tmp_path / "fp32", engine="genai").generate(ours.prompt_ids, max_new_tokens=32)
     assert theirs.token_ids == ours.token_ids
+
+
+@pytest.mark.parametrize("argv", [[], ["--weight-only", "int4"]], ids=["int8", "int4"])
+def test_quantized_decoder_with_past_generates(tiny_llama_dir, tmp_path, argv):
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "-o", str(out), "--num-samples", "16", *argv]) == 0
+    fp32, quant = Generator(tiny_llama_dir), Generator(out)
+    logits = []
+    for gen in (fp32, quant):
+        step, _ = gen.step(np.asarray([PROMPT]), [s.empty_past(1) for s in gen.past], 0)
+        logits.append(step[0])
+    a, b = logits
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+    assert len(quant.generate(PROMPT, max_new_tokens=8).token_ids) >= 1
