@@ -29,8 +29,10 @@ from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
+from ortq.export.seq2seq import ENCODER_FILE, seq2seq_specs, write_graphs
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
+from ortq.export.vision import save_preprocessor, vision_spec, vision_task
 from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
 from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
@@ -57,6 +59,8 @@ class ExportResult:
         tied_weights: graph initializer -> the initializer it duplicates (transposed), e.g. the lm_head
             MatMul weight of a model with tied input/output embeddings.
         files: the file names in ``output_dir``.
+        graphs: for an encoder-decoder (several ``.onnx`` files), each file's exporter, inputs, outputs and
+            parity figures; ``model_path`` is then the encoder and the top-level figures the worst file's.
     """
 
     output_dir: Path
@@ -74,6 +78,7 @@ class ExportResult:
     external_data: bool
     tied_weights: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -144,8 +149,13 @@ def export(
             hf_model, tokenizer, config = model, None, model.config
         else:
             hf_model, tokenizer, config, task = load_transformers(model, task)
-        task = task or task_from_config(config)
-        if TASK_SPECS[task].with_past and example_inputs is None and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
+        task = vision_task(hf_model, task or task_from_config(config))
+        if TASK_SPECS[task].seq2seq:
+            return _export_seq2seq(hf_model, tokenizer, config, task, out, opset, exporter, overwrite,
+                                   check_parity, max_length)
+        if TASK_SPECS[task].vision:
+            spec = vision_spec(hf_model, task, example_inputs, input_names, output_names, dynamic_axes)
+        elif TASK_SPECS[task].with_past and example_inputs is None and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
             spec = decoder_spec(hf_model, tokenizer, max_positions(config, max_length))
         else:
             spec = transformers_spec(
@@ -181,6 +191,8 @@ def export(
             max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
         if config is not None:
             save_side_files(config, tokenizer, hf_model, tmp)
+            if spec.task is not None and TASK_SPECS[spec.task].vision:
+                save_preprocessor(model if isinstance(model, (str, os.PathLike)) else None, config, tmp)
         if spec.kv_cache is not None:
             layers, heads, head_dim = spec.kv_cache
             write_genai_config(
@@ -222,6 +234,36 @@ def export(
         external_data=external,
         tied_weights=tied,
         files=files,
+    )
+
+
+def _export_seq2seq(hf_model, tokenizer, config, task, out, opset, exporter, overwrite, check_parity, max_length):
+    """Encoder, decoder and decoder-with-past files (see :mod:`ortq.export.seq2seq`) in one atomic folder."""
+    specs = seq2seq_specs(hf_model, tokenizer, task, max_positions(config, max_length))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        graphs = write_graphs(specs, tmp, opset, exporter, check_parity=check_parity, max_length=max_length)
+        save_side_files(config, tokenizer, hf_model, tmp)
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+    diffs = [g for g in graphs.values() if g["max_abs_diff"] is not None]
+    worst = max(diffs, key=lambda g: g["max_rel_diff"]) if diffs else None
+    encoder = graphs[ENCODER_FILE]
+    logger.info("exported %s to %s (%s)", task, out, ", ".join(graphs))
+    return ExportResult(
+        output_dir=out,
+        model_path=out / ENCODER_FILE,
+        task=task,
+        opset=opset,
+        input_names=encoder["inputs"],
+        output_names=encoder["outputs"],
+        exporter=encoder["exporter"],
+        max_abs_diff=worst["max_abs_diff"] if worst else None,
+        max_rel_diff=worst["max_rel_diff"] if worst else None,
+        parity_shapes=tuple(s for g in graphs.values() for s in g["parity_shapes"]),
+        export_seconds=sum(g["export_seconds"] for g in graphs.values()),
+        num_parameters=sum(p.numel() for p in hf_model.parameters()),
+        external_data=any(g["external_data"] for g in graphs.values()),
+        files=files,
+        graphs=graphs,
     )
 
 
