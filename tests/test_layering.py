@@ -16,10 +16,11 @@ LAYERS = [
     ["ortq.errors"],
     ["ortq.config", "ortq.io", "ortq.tasks", "ortq.progress", "ortq.hostinfo"],
     ["ortq.runtime", "ortq.data"],
-    ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate"],
+    ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate",
+     "ortq.generate_seq2seq"],
     ["ortq.fallback", "ortq.fallback_sim"],
     ["ortq.quantize_steps"],
-    ["ortq.quantizer"],
+    ["ortq.quantizer", "ortq.seq2seq"],
     ["ortq.pipeline"],
     ["ortq.cli", "ortq"],
 ]
