@@ -8,14 +8,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from conftest import _tokenizer
+from tiny_models import build
+
 from ortq import AutoQuantizationConfig
 from ortq.errors import ConfigError, ModelError
 from ortq.export import export
 from ortq.generate_seq2seq import Seq2SeqGenerator, compare_generations
 from ortq.seq2seq import calibration_feeds, quantize_seq2seq, validate_seq2seq
-from tiny_models import build
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

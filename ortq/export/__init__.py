@@ -174,7 +174,9 @@ def export(
         if unused:
             logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
         drop_weight_identities(proto)
-        tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
+        # Vision models have no input embedding table to tie (some raise on get_input_embeddings).
+        vision = spec.task is not None and TASK_SPECS[spec.task].vision
+        tied = tag_tied_weights(proto, hf_model) if hf_model is not None and not vision else {}
         set_metadata(proto, spec.task, max_length, used, tied)
         for f in list(tmp.iterdir()):  # exporters may write external data files; save_model rewrites them
             f.unlink()
