@@ -41,11 +41,28 @@ def _figure(row: dict) -> str:
     return "cosine " + " / ".join(f"{c:.4f}" if c is not None else "–" for c in (c8, c4))
 
 
+def table(rows: list[dict]) -> str:
+    """The README's Markdown table of outcomes."""
+    lines = ["| architecture | task | export | int8 | int4 | validate int8 / int4 | int8 / int4 vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['architecture']} | {r['task']} | {_cell(r.get('export'))} | {_cell(r.get('int8'))} | "
+            f"{_cell(r.get('int4'))} | {_cell(r.get('validate_int8'))} / {_cell(r.get('validate_int4'))} | "
+            f"{_figure(r)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "coverage.json"))
+    parser.add_argument("--from-json", help="print the table of earlier runs' JSON files (comma-separated)")
     args = parser.parse_args()
+    if args.from_json:
+        print(table([r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())["results"]]))
+        return
     logging.basicConfig(level=logging.ERROR)
     import onnxruntime
     import torch
@@ -68,13 +85,7 @@ def main() -> None:
             rows.append(row)
             print(name, {k: row.get(k) for k in STAGES}, file=sys.stderr, flush=True)
             shutil.rmtree(Path(tmp) / name, ignore_errors=True)
-    print("| architecture | task | export | int8 | int4 | validate | int8 / int4 vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        validated = "yes" if r.get("validate_int8") == "ok" and r.get("validate_int4") == "ok" else _cell(
-            next((r.get(s) for s in ("validate_int8", "validate_int4") if r.get(s) != "ok"), None))
-        print(f"| {r['architecture']} | {r['task']} | {_cell(r.get('export'))} | {_cell(r.get('int8'))} | "
-              f"{_cell(r.get('int4'))} | {validated} | {_figure(r)} |")
+    print(table(rows))
     doc = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(),

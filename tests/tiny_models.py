@@ -117,11 +117,13 @@ def build(name: str, folder: Path, tokenizer, **overrides: Any) -> tuple[Path, s
     return folder, task
 
 
-def _stage(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
-    """Run one stage; record ``ok`` / ``error: <OrtqError>`` / ``internal error: <exception>``."""
+def _stage(results: dict[str, Any], name: str, fn: Callable[[], Any], after: tuple[str, ...] = ()) -> Any:
+    """Run one stage unless a stage it needs (``build``, ``export`` and ``after``) did not end ``ok``; record
+    ``ok`` / ``error: <OrtqError>`` / ``internal error: <exception>`` / ``skipped ...``."""
     from ortq.errors import OrtqError
 
-    if any(str(v).startswith(("error", "internal", "skipped")) for v in results.values()):
+    needs = [s for s in ("build", "export", *after) if s in results and s != name]
+    if any(results[s] != "ok" for s in needs):
         results[name] = "skipped (an earlier stage failed)"
         return None
     try:
@@ -166,7 +168,8 @@ def run_pipeline(name: str, work: Path, tokenizer, images: Path | None) -> dict[
         _stage(results, "int4", lambda: quantize_seq2seq(fp32, int4, int4_config, num_samples=8, max_new_tokens=8))
         for bits, folder in (("int8", int8), ("int4", int4)):
             agreement = _stage(results, f"validate_{bits}",
-                               lambda folder=folder: validate_seq2seq(folder, fp32, num_samples=8, max_new_tokens=8))
+                               lambda folder=folder: validate_seq2seq(folder, fp32, num_samples=8, max_new_tokens=8),
+                               after=(bits,))
             if agreement is not None:
                 results[f"{bits}_token_agreement"] = agreement.token_agreement
                 results[f"{bits}_token_error_rate"] = agreement.token_error_rate
@@ -186,7 +189,7 @@ def run_pipeline(name: str, work: Path, tokenizer, images: Path | None) -> dict[
     _stage(results, "int4", lambda: quantize(int4_config, int4))
     for bits, folder in (("int8", int8), ("int4", int4)):
         report = _stage(results, f"validate_{bits}", lambda folder=folder: validate(
-            folder, fp32, data, num_samples=16, latency_runs=1, warmup_runs=1, placement=False))
+            folder, fp32, data, num_samples=16, latency_runs=1, warmup_runs=1, placement=False), after=(bits,))
         if report is not None:
             row = report.to_dict()["providers"]
             cpu = row[0] if isinstance(row, list) else row.get("cpu", {})
