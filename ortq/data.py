@@ -4,6 +4,7 @@ Accepted sources:
   * a text file (``.txt``): one sample per line;
   * ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``: a ``text`` column, or columns named after graph inputs;
   * ``.npz``: arrays keyed by graph input name, first axis = samples;
+  * a folder of images, for a graph taking ``pixel_values`` (:mod:`ortq.images`);
   * a ``datasets.Dataset``, a list of strings, or any iterable of feed dicts (``{input_name: array}``).
 
 Text is tokenized with the exported folder's tokenizer and padded per batch to its longest sample; the
@@ -403,7 +404,16 @@ def load_batches(
         if not path.exists():
             raise CalibrationDataError(f"{path}: no such file")
         if path.is_dir():
-            raise CalibrationDataError(f"{path}: is a folder; give a .txt, .jsonl, .csv, .parquet or .npz file")
+            if "pixel_values" in specs:  # a folder of images, preprocessed like the model expects
+                from ortq.images import image_feeds
+
+                processor_dir = Path(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
+                make_iter, n = image_feeds(path, specs, processor_dir, batch_size, num_samples)
+                return Batches(make_iter, n, batch_size)
+            raise CalibrationDataError(
+                f"{path}: is a folder; give a .txt, .jsonl, .csv, .parquet or .npz file (or, for a model "
+                "taking pixel_values, a folder of images)"
+            )
         suffix = path.suffix.lower()
         if suffix == ".npz":
             return _npz_batches(path, specs, batch_size, num_samples)

@@ -227,6 +227,7 @@ TOKENIZER_FILES = (
     "config.json",
     "generation_config.json",
     "genai_config.json",
+    "preprocessor_config.json",
 )
 
 

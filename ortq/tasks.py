@@ -13,10 +13,19 @@ task                      exported as                                  judged by
 ``causal-lm``             ``AutoModelForCausalLM`` -> ``logits`` and   perplexity, next-token agreement
                           ``present.{i}.key/value`` (KV cache)
 ``causal-lm-no-past``     ``AutoModelForCausalLM`` -> ``logits`` only  perplexity, next-token agreement
+``text2text-generation``  ``AutoModelForSeq2SeqLM`` -> encoder,        greedy token agreement, first
+                          decoder and decoder-with-past files          divergence
+``automatic-speech-       ``AutoModelForSpeechSeq2Seq`` -> the same    token error rate
+recognition``             three files (``input_features``)
+``image-feature-          ``AutoModel`` on ``pixel_values`` ->         cosine of the pooled features
+extraction``              ``last_hidden_state``
+``image-classification``  ``AutoModelForImageClassification``          argmax agreement
+                          -> ``logits``
 ========================  ===========================================  ==================================
 
 Optimum's names are accepted as aliases (``text-generation-with-past`` is ``causal-lm``, ``text-generation``
-the logits-only ``causal-lm-no-past``), and so are ``embeddings`` and ``classification``.
+the logits-only ``causal-lm-no-past``, ``text2text-generation-with-past`` / ``seq2seq-lm`` is
+``text2text-generation``), and so are ``embeddings`` and ``classification``.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class Task:
     inputs: tuple[str, ...]  # graph inputs in Optimum's order; each kept only when forward() takes it
     architecture_suffixes: tuple[str, ...]  # ``config.architectures`` entries ending so belong to this task
     with_past: bool = False  # the graph takes ``past_key_values.{i}.key/value`` and returns ``present.*``
+    seq2seq: bool = False  # exported as encoder / decoder / decoder-with-past files
+    vision: bool = False  # the graph takes ``pixel_values``
 
     @property
     def generative(self) -> bool:
@@ -77,6 +88,31 @@ TASK_SPECS: dict[str, Task] = {
             ("input_ids", "attention_mask", "position_ids"),
             (),
         ),
+        Task(
+            "text2text-generation",
+            "AutoModelForSeq2SeqLM",
+            "logits",
+            ("input_ids", "attention_mask"),
+            ("ForConditionalGeneration",),
+            seq2seq=True,
+        ),
+        Task(
+            "automatic-speech-recognition",
+            "AutoModelForSpeechSeq2Seq",
+            "logits",
+            ("input_features",),
+            (),
+            seq2seq=True,
+        ),
+        Task("image-feature-extraction", "AutoModel", "last_hidden_state", ("pixel_values",), (), vision=True),
+        Task(
+            "image-classification",
+            "AutoModelForImageClassification",
+            "logits",
+            ("pixel_values",),
+            ("ForImageClassification",),
+            vision=True,
+        ),
     )
 }
 TASKS = tuple(TASK_SPECS)
@@ -86,7 +122,21 @@ ALIASES = {
     "sequence-classification": "text-classification",
     "text-generation-with-past": "causal-lm",
     "text-generation": "causal-lm-no-past",
+    "text2text-generation-with-past": "text2text-generation",
+    "seq2seq-lm": "text2text-generation",
+    "seq2seq-lm-with-past": "text2text-generation",
+    "automatic-speech-recognition-with-past": "automatic-speech-recognition",
+    "speech2seq-lm": "automatic-speech-recognition",
+    "speech2seq-lm-with-past": "automatic-speech-recognition",
+    "asr": "automatic-speech-recognition",
 }
+# Speech encoder-decoders: ``...ForConditionalGeneration`` of these model types is automatic-speech-recognition.
+SPEECH_MODEL_TYPES = ("whisper", "speech_to_text", "speech-encoder-decoder")
+# Vision configs: a bare ``AutoModel`` of these is image-feature-extraction (it takes ``pixel_values``).
+VISION_MODEL_TYPES = (
+    "vit", "deit", "convnext", "convnextv2", "clip_vision_model", "siglip_vision_model", "dinov2", "beit",
+    "swin", "resnet", "detr", "yolos", "mobilevit", "efficientnet", "regnet", "levit", "dpt",
+)
 # Graph inputs / outputs of a KV cache, Optimum's and onnxruntime-genai's names.
 PAST_KEY = "past_key_values.{layer}.key"
 PAST_VALUE = "past_key_values.{layer}.value"
@@ -113,12 +163,19 @@ def task_from_config(config: Any) -> str:
     """The task of a transformers config, from ``config.architectures``.
 
     ``...ForSequenceClassification`` -> text-classification, ``...ForCausalLM`` / ``...LMHeadModel`` ->
-    causal-lm, anything else -> feature-extraction.
+    causal-lm, ``...ForConditionalGeneration`` -> text2text-generation (automatic-speech-recognition for
+    Whisper), ``...ForImageClassification`` -> image-classification, a bare vision model ->
+    image-feature-extraction, anything else -> feature-extraction.
     """
+    model_type = getattr(config, "model_type", None)
     for arch in getattr(config, "architectures", None) or ():
         for task in TASK_SPECS.values():
             if arch.endswith(task.architecture_suffixes):
+                if task.name == "text2text-generation" and model_type in SPEECH_MODEL_TYPES:
+                    return "automatic-speech-recognition"
                 return task.name
+    if model_type in VISION_MODEL_TYPES:
+        return "image-feature-extraction"
     return "feature-extraction"
 
 

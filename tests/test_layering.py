@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ortq"
 LAYERS = [
     ["ortq.errors"],
     ["ortq.config", "ortq.io", "ortq.tasks", "ortq.progress", "ortq.hostinfo"],
-    ["ortq.runtime", "ortq.data"],
-    ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate"],
+    ["ortq.runtime", "ortq.data", "ortq.images"],
+    ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate",
+     "ortq.generate_seq2seq"],
     ["ortq.fallback", "ortq.fallback_sim"],
     ["ortq.quantize_steps"],
-    ["ortq.quantizer"],
+    ["ortq.quantizer", "ortq.seq2seq"],
     ["ortq.pipeline"],
     ["ortq.cli", "ortq"],
 ]

@@ -30,8 +30,10 @@ from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
+from ortq.export.seq2seq import ENCODER_FILE, seq2seq_specs, write_graphs
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
+from ortq.export.vision import save_preprocessor, vision_spec, vision_task
 from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
 from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
@@ -59,6 +61,8 @@ class ExportResult:
             MatMul weight of a model with tied input/output embeddings.
         files: the file names in ``output_dir``.
         attention: ``GroupQueryAttention`` when the decoder's attention is fused, else ``standard``.
+        graphs: for an encoder-decoder (several ``.onnx`` files), each file's exporter, inputs, outputs and
+            parity figures; ``model_path`` is then the encoder and the top-level figures the worst file's.
     """
 
     output_dir: Path
@@ -77,6 +81,7 @@ class ExportResult:
     tied_weights: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     attention: str = "standard"
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -151,9 +156,14 @@ def export(
             hf_model, tokenizer, config = model, None, model.config
         else:
             hf_model, tokenizer, config, task = load_transformers(model, task)
-        task = task or task_from_config(config)
+        task = vision_task(hf_model, task or task_from_config(config))
+        if TASK_SPECS[task].seq2seq:
+            return _export_seq2seq(hf_model, tokenizer, config, task, out, opset, exporter, overwrite,
+                                   check_parity, max_length)
         with_past = TASK_SPECS[task].with_past and example_inputs is None
-        if with_past and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
+        if TASK_SPECS[task].vision:
+            spec = vision_spec(hf_model, task, example_inputs, input_names, output_names, dynamic_axes)
+        elif with_past and tuple(input_names or DECODER_INPUTS) == DECODER_INPUTS:
             spec = decoder_spec(
                 hf_model, tokenizer, max_positions(config, max_length), fused_attention=fused_attention
             )
@@ -177,6 +187,8 @@ def export(
         used, export_seconds, graph_inputs, tied, external, attention, max_abs, max_rel, shapes = written
         if config is not None:
             save_side_files(config, tokenizer, hf_model, tmp)
+            if spec.task is not None and TASK_SPECS[spec.task].vision:
+                save_preprocessor(model if isinstance(model, (str, os.PathLike)) else None, config, tmp)
         if spec.kv_cache is not None:
             layers, heads, head_dim = spec.kv_cache
             write_genai_config(
@@ -234,7 +246,9 @@ def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, ma
     if unused:
         logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
     drop_weight_identities(proto)
-    tied = tag_tied_weights(proto, hf_model) if hf_model is not None else {}
+    # Vision models have no input embedding table to tie (some raise on get_input_embeddings).
+    vision = spec.task is not None and TASK_SPECS[spec.task].vision
+    tied = tag_tied_weights(proto, hf_model) if hf_model is not None and not vision else {}
     attention = FUSED_OP if any(n.op_type == FUSED_OP for n in proto.graph.node) else "standard"
     set_metadata(proto, spec.task, max_length, used, tied)
     for f in list(model_path.parent.iterdir()):  # exporters may write external data files; save_model rewrites
@@ -251,6 +265,36 @@ def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, ma
     if check_parity:
         max_abs, max_rel, shapes = compare_with_torch(spec, model_path)
     return used, export_seconds, graph_inputs, tied, external, attention, max_abs, max_rel, shapes
+
+
+def _export_seq2seq(hf_model, tokenizer, config, task, out, opset, exporter, overwrite, check_parity, max_length):
+    """Encoder, decoder and decoder-with-past files (see :mod:`ortq.export.seq2seq`) in one atomic folder."""
+    specs = seq2seq_specs(hf_model, tokenizer, task, max_positions(config, max_length))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        graphs = write_graphs(specs, tmp, opset, exporter, check_parity=check_parity, max_length=max_length)
+        save_side_files(config, tokenizer, hf_model, tmp)
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+    diffs = [g for g in graphs.values() if g["max_abs_diff"] is not None]
+    worst = max(diffs, key=lambda g: g["max_rel_diff"]) if diffs else None
+    encoder = graphs[ENCODER_FILE]
+    logger.info("exported %s to %s (%s)", task, out, ", ".join(graphs))
+    return ExportResult(
+        output_dir=out,
+        model_path=out / ENCODER_FILE,
+        task=task,
+        opset=opset,
+        input_names=encoder["inputs"],
+        output_names=encoder["outputs"],
+        exporter=encoder["exporter"],
+        max_abs_diff=worst["max_abs_diff"] if worst else None,
+        max_rel_diff=worst["max_rel_diff"] if worst else None,
+        parity_shapes=tuple(s for g in graphs.values() for s in g["parity_shapes"]),
+        export_seconds=sum(g["export_seconds"] for g in graphs.values()),
+        num_parameters=sum(p.numel() for p in hf_model.parameters()),
+        external_data=any(g["external_data"] for g in graphs.values()),
+        files=files,
+        graphs=graphs,
+    )
 
 
 def _is_transformers_model(module: Any) -> bool:

@@ -113,7 +113,8 @@ def load_transformers(source: Any, task: str | None):
             )
         tokenizer = None
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+            if not TASK_SPECS[task].vision:  # images go through preprocessor_config.json, not a tokenizer
+                tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
         except Exception as exc:
             logger.warning("%s: no tokenizer (%s); exporting without one", source, first_line(exc))
     model.eval()
