@@ -225,10 +225,17 @@ def calibration_targets(model: ir.Model, config: QuantizationConfig) -> list[str
                 names[v.name] = None
         if config.int8_chain and node.op_type in OUTPUT_QUANTIZED_OPS:
             names.update(dict.fromkeys(_output_candidates(node)))
-    if config.int8_chain:
+    if config.int8_chain:  # chain ops whose inputs will all be 8-bit, in graph order as make_plan walks
+        eight_bit = set(names)
         for node in graph:
-            if is_chain_op(node) and node.op_type in QLINEAR_OPS and not _excluded(node.name, config.nodes_to_exclude):
-                names.update(dict.fromkeys(_output_candidates(node)))
+            if not is_chain_op(node) or node.op_type in OP_RULES or _excluded(node.name, config.nodes_to_exclude):
+                continue
+            if not all(node.inputs[i].name in eight_bit for i in chain_inputs(node)):
+                continue
+            outputs = _output_candidates(node) if node.op_type in QLINEAR_OPS else [node.outputs[0].name]
+            eight_bit.update(outputs)
+            if node.op_type in QLINEAR_OPS:
+                names.update(dict.fromkeys(outputs))
     return list(names)
 
 
