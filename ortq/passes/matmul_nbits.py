@@ -35,6 +35,7 @@ from ortq.passes.gather_quant import (
     MS_DOMAIN,
     gather_table,
     replace_gather,
+    share_gather,
     swap_output,
 )
 from ortq.passes.initializers import block_initializers, drop_unused_initializers
@@ -227,6 +228,8 @@ def quantize_weight_only(
     for site in sites:
         k, n = site.w.shape
         for gnode, table in gathers:
+            if id(gnode) in tied_tables:  # a weight shared by several MatMuls ties its table once
+                continue
             if table.shape == (n, k) and np.array_equal(table, site.w.T):
                 site.tied_gather.append(gnode)
                 tied_tables.add(id(gnode))
@@ -248,14 +251,22 @@ def quantize_weight_only(
     _ensure_opset(model)
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
+    made: dict[tuple, tuple] = {}  # (weight, bits, block, symmetric) -> its initializers: shared weights once
+    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
     for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.w.shape
+        bs, sym = _layer_format(config, site.bits, k)
+        key = (id(site.weight), site.bits, bs, sym)
+        if key in made and not site.tied_gather:
+            bq, values, entry0 = made[key]
+            _replace_matmul(graph, site, bq, config, values=values)
+            entry0.setdefault("shared_with", []).append(site.name)
+            continue
         w_t = np.ascontiguousarray(site.w.T)
         act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
         xtx = hessians.get(act)
         importance = mean_squares.get(act) if not site.tied_gather else None
         use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
-        bs, sym = _layer_format(config, site.bits, k)
         if use_gptq and site.bits == 4:
             bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
             algo = "gptq"
@@ -279,10 +290,16 @@ def quantize_weight_only(
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
         after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config)
+        made[key] = (bq, (b_val, s_val, z_val), entry)
         for g in site.tied_gather:
             old_table = g.inputs[0]
+            if id(old_table) in made_gathers:
+                share_gather(graph, g, made_gathers[id(old_table)])
+                drop_unused_initializers(graph, [old_table])
+                entry.setdefault("tied_gathers", []).append(g.name)
+                continue
             shared = (b_val, s_val, z_val) if k % bs == 0 else None
-            replace_gather(graph, g, bq, shared=shared)
+            made_gathers[id(old_table)] = replace_gather(graph, g, bq, shared=shared)
             if shared is None:
                 after += bq.nbytes()
             drop_unused_initializers(graph, [old_table])
@@ -293,6 +310,11 @@ def quantize_weight_only(
         nodes_report.append(entry)
 
     for gnode, table in gathers:
+        if id(gnode.inputs[0]) in made_gathers:
+            old_table = gnode.inputs[0]
+            share_gather(graph, gnode, made_gathers[id(old_table)])
+            drop_unused_initializers(graph, [old_table])
+            continue
         bits = 8 if _matches(gnode.name or "", config.int8_nodes) else config.bits
         bs, sym = _layer_format(config, bits, table.shape[1])
         bq = quantize_rtn(table, bits, bs, sym)
@@ -302,7 +324,7 @@ def quantize_weight_only(
         old_table = gnode.inputs[0]
         name = gnode.name
         before = table.nbytes
-        replace_gather(graph, gnode, bq)
+        made_gathers[id(old_table)] = replace_gather(graph, gnode, bq)
         drop_unused_initializers(graph, [old_table])
         after = bq.k * bq.q.shape[0] * bits // 8 + bq.scales.nbytes
         zp = bq.packed_zero_points()
@@ -344,13 +366,19 @@ def quantize_weight_only(
     return model, report
 
 
-def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig):
+def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
+                    values: tuple | None = None):
+    """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
+    site replaced before)."""
     node = site.node
     k, n = site.w.shape
     base = site.weight.name or site.name
-    b_val, s_val, z_val = block_initializers(
-        graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
-    )
+    if values is not None:
+        b_val, s_val, z_val = values
+    else:
+        b_val, s_val, z_val = block_initializers(
+            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
+        )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
     if site.bias_add is not None:
