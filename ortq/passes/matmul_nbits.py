@@ -133,6 +133,10 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
             site = _MatMulSite(node=node, weight=node.inputs[1], w=w)
             site.bias_add, site.bias = _bias_add(node, w.shape[1])
             sites.append(site)
+        elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
+            site = _gemm_site(node, name, config, skipped)
+            if site is not None:
+                sites.append(site)
         elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and config.quantize_embeddings:
             table, why = gather_table(node)
             if table is None:
@@ -152,6 +156,42 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
                 continue
             gathers.append((node, table))
     return sites, gathers
+
+
+def _gemm_site(node: ir.Node, name: str, config: WeightOnlyConfig, skipped: dict[str, str]) -> _MatMulSite | None:
+    """A Gemm ``A @ op(B) + C`` with a constant B as a MatMulNBits site (B transposed when ``transB``; the
+    bias C becomes MatMulNBits' bias input), or None with the reason in ``skipped``."""
+
+    def attr(key: str, default: float) -> float:
+        a = node.attributes.get(key)
+        return default if a is None else (a.as_float() if key in ("alpha", "beta") else a.as_int())
+
+    b = _const_initializer(node.inputs[1])
+    if b is None:
+        return None  # activation x activation
+    why = None
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = _const_initializer(c) if c is not None else None
+    if _matches(name, config.nodes_to_exclude):
+        why = "excluded by nodes_to_exclude"
+    elif attr("transA", 0) or attr("alpha", 1.0) != 1.0:
+        why = "Gemm with transA or alpha != 1 has no MatMulNBits form"
+    elif b.dtype != np.float32 or b.ndim != 2:
+        why = f"weight is {b.dtype} {b.ndim}-D, not 2-D float32"
+    elif c is not None and (bias is None or bias.dtype != np.float32 or attr("beta", 1.0) != 1.0):
+        why = "bias is not a constant float32 with beta 1"
+    if why is None:
+        w = np.ascontiguousarray(b.T) if attr("transB", 0) else b
+        if bias is not None and bias.shape != (w.shape[1],):
+            why = f"bias shape {list(bias.shape)} is not [N]"
+        elif w.shape[0] < 16:
+            why = f"K={w.shape[0]} < 16"
+        elif not np.isfinite(w).all():
+            why = "weight holds NaN or infinite values"
+    if why is not None:
+        skipped[name] = why
+        return None
+    return _MatMulSite(node=node, weight=node.inputs[1], w=w, bias=bias)
 
 
 def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
@@ -381,7 +421,9 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
         )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
-    if site.bias_add is not None:
+    if node.op_type == "Gemm" and site.bias is not None:
+        inputs += [None, node.inputs[2]]
+    elif site.bias_add is not None:
         old_bias = (
             site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
         )
