@@ -485,7 +485,7 @@ def inspect_placement(
     source = onnx.load(str(path), load_external_data=False)
     placement = Placement(provider=EXECUTION_PROVIDERS[key], source_nodes=len(source.graph.node))
     placement.qdq_groups = _qdq_groups(source)
-    placement.source_convs = sum(1 for n in source.graph.node if n.op_type == "Conv")
+    placement.source_convs = sum(1 for n in source.graph.node if n.op_type in _CONV_OPS)
     settings = SessionSettings(threads=intra_op_num_threads)
     with tempfile.TemporaryDirectory(prefix="ortq-placement-") as tmp:
         opt_path = os.path.join(tmp, "optimized.onnx")
