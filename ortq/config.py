@@ -173,6 +173,9 @@ class QuantizationConfig(_JsonConfig):
         quantize_activation_matmuls: also quantize MatMuls whose both inputs are activations (attention
             scores and context). Off for CPU presets: at transformer sizes the two extra QuantizeLinear cost
             more than the int8 kernel saves, and they carry most of the error.
+        int8_chain: keep the ops between int8 convolutions 8-bit: quantized convolution outputs (Relu/Clip
+            folded), Add / Mul / Concat / pooling / Sigmoid as QLinear kernels, and reshapes / max pooling
+            on the input's scale (see :mod:`ortq.passes.int8_graph`). Off: only inputs are quantized.
         quantize_embeddings: large embedding Gathers become 8-bit ``GatherBlockQuantized`` (CPU presets).
         weight_storage_bits: 8, or 4 to store MatMul weights as 4-bit blocks that ONNX Runtime unpacks to int8
             at load (W4A8: int4 size, int8 kernels; see :mod:`ortq.passes.int4_storage`).
@@ -195,6 +198,7 @@ class QuantizationConfig(_JsonConfig):
     operators_to_quantize: tuple[str, ...] = DEFAULT_OPERATORS
     nodes_to_exclude: tuple[str, ...] = ()
     quantize_activation_matmuls: bool = False
+    int8_chain: bool = True
     quantize_embeddings: bool = False
     tune_cpu_kernels: bool = False
     weight_storage_bits: int = 8

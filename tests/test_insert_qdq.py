@@ -97,7 +97,8 @@ def test_insert_qdq_pass_rewrites_in_place_and_reports():
     qdq = InsertQDQPass(plan)
     result = qdq(model)
     assert result.modified and result.model is model
-    assert qdq.report == {"activations": 2, "weights": 2, "int4_weights": 0, "opset": 17}
+    assert qdq.report == {"activations": 2, "weights": 2, "int4_weights": 0, "quantized_outputs": 0,
+                          "int32_biases": 0, "opset": 17}
     out = ir.to_proto(model)
     onnx.checker.check_model(out, full_check=True)
     x = rng.normal(size=(4, 8)).astype(np.float32)

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from ortq.passes._int4 import quantize_rtn
 from ortq.passes.base import ReportingPass
-from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather
+from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather, share_gather
 from ortq.passes.initializers import drop_unused_initializers
 from ortq.passes.plan import QuantPlan
 
@@ -28,6 +28,7 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
     """Replace large constant embedding Gathers in place; record the decisions in ``plan``. Returns the count."""
     decisions = {d.name: d for d in plan.decisions}
     tables: list[ir.Value] = []
+    made: dict[ir.Value, ir.Node] = {}
     done = 0
     for node in list(model.graph):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
@@ -37,11 +38,15 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
             continue
         if not np.isfinite(table).all():
             continue
-        # 8 bits: plain symmetric rows are plenty. 4 bits: zero points and a clipping search per block.
-        bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
         name = node.name
-        tables.append(node.inputs[0])
-        replace_gather(model.graph, node, bq)
+        source = node.inputs[0]
+        if source in made:  # a table shared by several Gathers is quantized once
+            share_gather(model.graph, node, made[source])
+        else:
+            # 8 bits: plain symmetric rows are plenty. 4 bits: zero points and a clipping search per block.
+            bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
+            tables.append(source)
+            made[source] = replace_gather(model.graph, node, bq)
         done += 1
         if name in decisions:
             decisions[name].quantized = True

@@ -88,6 +88,17 @@ def replace_gather(
     return new
 
 
+def share_gather(graph: ir.Graph, node: ir.Node, quantized: ir.Node) -> ir.Node:
+    """Replace ``node``, a Gather of a table already replaced by ``quantized`` (a ``GatherBlockQuantized``),
+    by one reading the same quantized initializers: a shared table is stored once."""
+    inputs = [quantized.inputs[0], node.inputs[1], *quantized.inputs[2:]]
+    attrs = {k: a.value for k, a in quantized.attributes.items()}
+    new = ir.node("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN, name=(node.name or "Gather") + "_gbq")
+    graph.insert_before(node, new)
+    swap_output(graph, node, new)
+    return new
+
+
 def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     from ortq.passes._int4 import pack
 

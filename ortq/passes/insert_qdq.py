@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from ortq.passes.base import ReportingPass
@@ -91,6 +92,15 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             graph.insert_before(graph.node(0), [dq])
         dq_of[name] = dq.outputs[0]
 
+    for name in plan.rewire_all:  # a quantized kernel output: every consumer reads the DequantizeLinear
+        dq_out = dq_of[name]
+        q_node = dq_out.producer().inputs[0].producer()
+        for use in list(values[name].uses()):
+            if use.node is not q_node:
+                use.node.replace_input_with(use.idx, dq_out)
+
+    biases = _insert_biases(graph, plan, names)
+
     for node in list(graph):
         indices = plan.node_inputs.get(node.name)
         if not indices:
@@ -100,8 +110,42 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             if v is not None and v.name in dq_of:
                 node.replace_input_with(i, dq_of[v.name])
 
-    drop_unused_initializers(graph, [values[name] for name in plan.weights])
+    drop_unused_initializers(graph, [values[name] for name in plan.weights] + biases)
     return model
+
+
+def _insert_biases(graph: ir.Graph, plan: QuantPlan, names: set[str]) -> list[ir.Value]:
+    """Give each planned Conv / Gemm its bias as int32 (scale: activation scale x weight scale, zero point 0)
+    behind a DequantizeLinear, as ONNX Runtime's QDQ selectors require; return the float biases replaced."""
+    nodes = {n.name: n for n in graph}
+    replaced = []
+    for node_name, (index, _bias, act, weight) in plan.biases.items():
+        node = nodes[node_name]
+        value = node.inputs[index]
+        a_qp, w_qp = plan.activations.get(act), plan.weights.get(weight)
+        if value is None or a_qp is None or w_qp is None:
+            continue
+        b = value.const_value.numpy().astype(np.float64)
+        scale = (np.float64(a_qp.scale) * w_qp.scale.astype(np.float64)).astype(np.float32).reshape(-1)
+        if scale.size not in (1, b.size):
+            continue
+        scale = np.maximum(scale, np.finfo(np.float32).tiny)
+        q = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        if scale.size == 1:
+            scale = scale.reshape(())
+        base = unique_name(names, f"{node_name}_bias")
+        q_init = add_initializer(graph, f"{base}_quantized", q)
+        s_init = add_initializer(graph, f"{base}_scale", scale)
+        z_init = add_initializer(graph, f"{base}_zero_point", np.zeros(scale.shape, np.int32))
+        attrs = {"axis": 0} if scale.ndim == 1 else {}
+        dq = ir.node("DequantizeLinear", [q_init, s_init, z_init], attributes=attrs, name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(b.shape)
+        graph.insert_before(node, [dq])
+        node.replace_input_with(index, dq.outputs[0])
+        replaced.append(value)
+    return replaced
 
 
 class InsertQDQPass(ReportingPass):
@@ -124,6 +168,8 @@ class InsertQDQPass(ReportingPass):
             "activations": len(self.plan.activations),
             "weights": len(self.plan.weights),
             "int4_weights": len(self.int4_weights or {}),
+            "quantized_outputs": len(self.plan.rewire_all),
+            "int32_biases": len(self.plan.biases),
             "opset": model.opset_imports.get("", 0),
         }
         return bool(self.plan.activations or self.plan.weights)

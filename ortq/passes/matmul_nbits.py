@@ -35,6 +35,7 @@ from ortq.passes.gather_quant import (
     MS_DOMAIN,
     gather_table,
     replace_gather,
+    share_gather,
     swap_output,
 )
 from ortq.passes.initializers import block_initializers, drop_unused_initializers
@@ -132,6 +133,10 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
             site = _MatMulSite(node=node, weight=node.inputs[1], w=w)
             site.bias_add, site.bias = _bias_add(node, w.shape[1])
             sites.append(site)
+        elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
+            site = _gemm_site(node, name, config, skipped)
+            if site is not None:
+                sites.append(site)
         elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and config.quantize_embeddings:
             table, why = gather_table(node)
             if table is None:
@@ -151,6 +156,42 @@ def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, st
                 continue
             gathers.append((node, table))
     return sites, gathers
+
+
+def _gemm_site(node: ir.Node, name: str, config: WeightOnlyConfig, skipped: dict[str, str]) -> _MatMulSite | None:
+    """A Gemm ``A @ op(B) + C`` with a constant B as a MatMulNBits site (B transposed when ``transB``; the
+    bias C becomes MatMulNBits' bias input), or None with the reason in ``skipped``."""
+
+    def attr(key: str, default: float) -> float:
+        a = node.attributes.get(key)
+        return default if a is None else (a.as_float() if key in ("alpha", "beta") else a.as_int())
+
+    b = _const_initializer(node.inputs[1])
+    if b is None:
+        return None  # activation x activation
+    why = None
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = _const_initializer(c) if c is not None else None
+    if _matches(name, config.nodes_to_exclude):
+        why = "excluded by nodes_to_exclude"
+    elif attr("transA", 0) or attr("alpha", 1.0) != 1.0:
+        why = "Gemm with transA or alpha != 1 has no MatMulNBits form"
+    elif b.dtype != np.float32 or b.ndim != 2:
+        why = f"weight is {b.dtype} {b.ndim}-D, not 2-D float32"
+    elif c is not None and (bias is None or bias.dtype != np.float32 or attr("beta", 1.0) != 1.0):
+        why = "bias is not a constant float32 with beta 1"
+    if why is None:
+        w = np.ascontiguousarray(b.T) if attr("transB", 0) else b
+        if bias is not None and bias.shape != (w.shape[1],):
+            why = f"bias shape {list(bias.shape)} is not [N]"
+        elif w.shape[0] < 16:
+            why = f"K={w.shape[0]} < 16"
+        elif not np.isfinite(w).all():
+            why = "weight holds NaN or infinite values"
+    if why is not None:
+        skipped[name] = why
+        return None
+    return _MatMulSite(node=node, weight=node.inputs[1], w=w, bias=bias)
 
 
 def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
@@ -227,6 +268,8 @@ def quantize_weight_only(
     for site in sites:
         k, n = site.w.shape
         for gnode, table in gathers:
+            if id(gnode) in tied_tables:  # a weight shared by several MatMuls ties its table once
+                continue
             if table.shape == (n, k) and np.array_equal(table, site.w.T):
                 site.tied_gather.append(gnode)
                 tied_tables.add(id(gnode))
@@ -248,14 +291,22 @@ def quantize_weight_only(
     _ensure_opset(model)
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
+    made: dict[tuple, tuple] = {}  # (weight, bits, block, symmetric) -> its initializers: shared weights once
+    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
     for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.w.shape
+        bs, sym = _layer_format(config, site.bits, k)
+        key = (id(site.weight), site.bits, bs, sym)
+        if key in made and not site.tied_gather:
+            bq, values, entry0 = made[key]
+            _replace_matmul(graph, site, bq, config, values=values)
+            entry0.setdefault("shared_with", []).append(site.name)
+            continue
         w_t = np.ascontiguousarray(site.w.T)
         act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
         xtx = hessians.get(act)
         importance = mean_squares.get(act) if not site.tied_gather else None
         use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
-        bs, sym = _layer_format(config, site.bits, k)
         if use_gptq and site.bits == 4:
             bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
             algo = "gptq"
@@ -279,10 +330,16 @@ def quantize_weight_only(
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
         after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config)
+        made[key] = (bq, (b_val, s_val, z_val), entry)
         for g in site.tied_gather:
             old_table = g.inputs[0]
+            if id(old_table) in made_gathers:
+                share_gather(graph, g, made_gathers[id(old_table)])
+                drop_unused_initializers(graph, [old_table])
+                entry.setdefault("tied_gathers", []).append(g.name)
+                continue
             shared = (b_val, s_val, z_val) if k % bs == 0 else None
-            replace_gather(graph, g, bq, shared=shared)
+            made_gathers[id(old_table)] = replace_gather(graph, g, bq, shared=shared)
             if shared is None:
                 after += bq.nbytes()
             drop_unused_initializers(graph, [old_table])
@@ -293,6 +350,11 @@ def quantize_weight_only(
         nodes_report.append(entry)
 
     for gnode, table in gathers:
+        if id(gnode.inputs[0]) in made_gathers:
+            old_table = gnode.inputs[0]
+            share_gather(graph, gnode, made_gathers[id(old_table)])
+            drop_unused_initializers(graph, [old_table])
+            continue
         bits = 8 if _matches(gnode.name or "", config.int8_nodes) else config.bits
         bs, sym = _layer_format(config, bits, table.shape[1])
         bq = quantize_rtn(table, bits, bs, sym)
@@ -302,7 +364,7 @@ def quantize_weight_only(
         old_table = gnode.inputs[0]
         name = gnode.name
         before = table.nbytes
-        replace_gather(graph, gnode, bq)
+        made_gathers[id(old_table)] = replace_gather(graph, gnode, bq)
         drop_unused_initializers(graph, [old_table])
         after = bq.k * bq.q.shape[0] * bits // 8 + bq.scales.nbytes
         zp = bq.packed_zero_points()
@@ -344,16 +406,24 @@ def quantize_weight_only(
     return model, report
 
 
-def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig):
+def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
+                    values: tuple | None = None):
+    """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
+    site replaced before)."""
     node = site.node
     k, n = site.w.shape
     base = site.weight.name or site.name
-    b_val, s_val, z_val = block_initializers(
-        graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
-    )
+    if values is not None:
+        b_val, s_val, z_val = values
+    else:
+        b_val, s_val, z_val = block_initializers(
+            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
+        )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
-    if site.bias_add is not None:
+    if node.op_type == "Gemm" and site.bias is not None:
+        inputs += [None, node.inputs[2]]
+    elif site.bias_add is not None:
         old_bias = (
             site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
         )

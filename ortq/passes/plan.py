@@ -20,6 +20,14 @@ import onnx_ir as ir
 
 from ortq.calibrators.base import TensorRange
 from ortq.config import PerChannel, QuantizationConfig, QuantType
+from ortq.passes.int8_graph import (
+    OUTPUT_QUANTIZED_OPS,
+    QLINEAR_OPS,
+    chain_inputs,
+    clip_bounds,
+    folded_activation,
+    is_chain_op,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ class InputRole:
     """How one input of a quantizable node is treated: an activation (calibrated), or a constant weight."""
 
     index: int
-    kind: str  # "activation" | "weight"
+    kind: str  # "activation" | "weight" | "bias" (int32, scale of activation x weight)
     axis: int | None = None  # per-channel axis of a weight
 
 
@@ -55,6 +63,14 @@ def _matmul_roles(node: ir.Node) -> list[InputRole]:
     return roles
 
 
+def _bias_role(node: ir.Node) -> list[InputRole]:
+    """The int32 bias of a Conv / Gemm: ONNX Runtime fuses the node only when every input comes from a
+    DequantizeLinear, the bias included."""
+    if len(node.inputs) > 2 and _const_rank(node.inputs[2]) == 1:
+        return [InputRole(2, "bias")]
+    return []
+
+
 def _gemm_roles(node: ir.Node) -> list[InputRole]:
     attr = node.attributes.get("transB")
     trans_b = bool(attr.as_int()) if attr is not None else False
@@ -62,12 +78,14 @@ def _gemm_roles(node: ir.Node) -> list[InputRole]:
         1, "activation"
     )
     a_role = InputRole(0, "weight") if _const_rank(node.inputs[0]) else InputRole(0, "activation")
-    return [a_role, b_role]
+    beta = node.attributes.get("beta")
+    bias = _bias_role(node) if b_role.kind == "weight" and (beta is None or beta.as_float() == 1.0) else []
+    return [a_role, b_role, *bias]
 
 
 def _conv_roles(node: ir.Node) -> list[InputRole]:
     w = InputRole(1, "weight", axis=0) if _const_rank(node.inputs[1]) else InputRole(1, "activation")
-    return [InputRole(0, "activation"), w]
+    return [InputRole(0, "activation"), w, *(_bias_role(node) if w.kind == "weight" else [])]
 
 
 # Op type -> the inputs that get QDQ pairs. Biases and shape inputs stay float.
@@ -117,6 +135,10 @@ class QuantPlan:
     # node name -> input indices to route through their DequantizeLinear
     node_inputs: dict[str, list[int]] = field(default_factory=dict)
     decisions: list[NodeDecision] = field(default_factory=list)
+    # activations whose every consumer reads the DequantizeLinear (quantized outputs of int8 kernels)
+    rewire_all: set[str] = field(default_factory=set)
+    # node name -> (bias input index, bias, activation, weight): int32 bias of scale activation x weight
+    biases: dict[str, tuple[int, str, str, str]] = field(default_factory=dict)
 
     @property
     def quantized_nodes(self) -> list[str]:
@@ -132,6 +154,8 @@ class QuantPlan:
             "num_quantized": len(self.quantized_nodes),
             "activations": {k: v.to_dict() for k, v in sorted(self.activations.items())},
             "weights": {k: v.to_dict() for k, v in sorted(self.weights.items())},
+            "quantized_outputs": sorted(self.rewire_all),
+            "int32_biases": len(self.biases),
             "nodes": [d.to_dict() for d in self.decisions],
         }
 
@@ -199,7 +223,28 @@ def calibration_targets(model: ir.Model, config: QuantizationConfig) -> list[str
             v = node.inputs[role.index]
             if role.kind == "activation" and v is not None and v.name not in masked and _is_float(v):
                 names[v.name] = None
+        if config.int8_chain and node.op_type in OUTPUT_QUANTIZED_OPS:
+            names.update(dict.fromkeys(_output_candidates(node)))
+    if config.int8_chain:  # chain ops whose inputs will all be 8-bit, in graph order as make_plan walks
+        eight_bit = set(names)
+        for node in graph:
+            if not is_chain_op(node) or node.op_type in OP_RULES or _excluded(node.name, config.nodes_to_exclude):
+                continue
+            if not all(node.inputs[i].name in eight_bit for i in chain_inputs(node)):
+                continue
+            outputs = _output_candidates(node) if node.op_type in QLINEAR_OPS else [node.outputs[0].name]
+            eight_bit.update(outputs)
+            if node.op_type in QLINEAR_OPS:
+                names.update(dict.fromkeys(outputs))
     return list(names)
+
+
+def _output_candidates(node: ir.Node) -> list[str]:
+    """The tensors whose ranges an output-quantized node may need: its output, and the output of the
+    Relu / Clip folded into it."""
+    out = [node.outputs[0].name] if not node.outputs[0].is_graph_output() else []
+    act = folded_activation(node)
+    return out + ([act.outputs[0].name] if act is not None else [])
 
 
 def activation_qparams(rng: TensorRange, dtype: QuantType, symmetric: bool) -> QParams:
@@ -289,10 +334,91 @@ def make_plan(model: ir.Model, config: QuantizationConfig, ranges: Mapping[str, 
     ensure_node_names(graph)
     masked = mask_only_values(graph)
     plan = QuantPlan()
+    folded: dict[str, str] = {}  # Relu/Clip node -> the node whose output QuantizeLinear absorbs it
     for node in graph:
-        decision = _decide(node, config, ranges, masked, plan)
+        if node.name in folded:
+            decision = NodeDecision(node.name, node.op_type, False,
+                                    f"folded into the int8 output of {folded[node.name]} (no node left to run)")
+        elif config.int8_chain and is_chain_op(node) and node.op_type not in OP_RULES:
+            decision = _decide_chain(node, config, ranges, plan, folded)
+        else:
+            decision = _decide(node, config, ranges, masked, plan)
+            if decision.quantized and config.int8_chain and node.op_type in OUTPUT_QUANTIZED_OPS:
+                decision.reason += _plan_output(node, config, ranges, plan, folded)
         plan.decisions.append(decision)
     return plan
+
+
+def _fold_qparams(rng: TensorRange, bounds: tuple[float, float], config: QuantizationConfig) -> QParams | None:
+    """Parameters of a Relu / Clip output that make the activation redundant for ONNX Runtime (the integer
+    range maps inside ``bounds``), or None when the activation dtype cannot (symmetric int8 below zero)."""
+    lo_bound, hi_bound = bounds
+    clipped = TensorRange(max(rng.low, lo_bound), min(rng.high, hi_bound), rng.num_values, rng.num_excluded)
+    qp = activation_qparams(clipped, config.activations_dtype, config.activations_symmetric)
+    qmin, qmax = config.activations_dtype.qrange
+    zp = int(qp.zero_point)
+    scale = np.float32(qp.scale)
+    if np.float32(qmin - zp) * scale < lo_bound:
+        return None
+    while np.float32(qmax - zp) * scale > hi_bound:  # float rounding can overshoot the Clip's max
+        scale = np.nextafter(scale, np.float32(0))
+    return QParams(np.array(scale, dtype=np.float32), qp.zero_point, qp.dtype)
+
+
+def _plan_output(node: ir.Node, config: QuantizationConfig, ranges: Mapping[str, TensorRange], plan: QuantPlan,
+                 folded: dict[str, str]) -> str:
+    """Quantize the output of an int8 kernel (folding a following Relu / Clip when the range allows); return
+    what was done, for the decision's reason."""
+    act = folded_activation(node)
+    if act is not None and _range_problem(act.outputs[0].name, ranges) is None:
+        qp = _fold_qparams(ranges[act.outputs[0].name], clip_bounds(act), config)
+        if qp is not None:
+            name = act.outputs[0].name
+            plan.activations.setdefault(name, qp)
+            plan.rewire_all.add(name)
+            folded[act.name] = node.name
+            return f"; output int8 with {act.op_type} {act.name} folded"
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return "; output left float (a graph output)"
+    problem = _range_problem(out.name, ranges)
+    if problem:
+        return f"; output left float ({problem})"
+    plan.activations.setdefault(out.name, activation_qparams(ranges[out.name], config.activations_dtype,
+                                                             config.activations_symmetric))
+    plan.rewire_all.add(out.name)
+    return "; output int8"
+
+
+def _decide_chain(node: ir.Node, config: QuantizationConfig, ranges: Mapping[str, TensorRange], plan: QuantPlan,
+                  folded: dict[str, str]) -> NodeDecision:
+    """An op between int8 kernels: int8 when every data input is already an 8-bit tensor of the plan."""
+
+    def keep(reason: str) -> NodeDecision:
+        return NodeDecision(node.name, node.op_type, False, reason)
+
+    if _excluded(node.name, config.nodes_to_exclude):
+        return keep("excluded by nodes_to_exclude")
+    indices = chain_inputs(node)
+    for i in indices:
+        v = node.inputs[i]
+        if v.name not in plan.activations:
+            kind = "a constant" if v.const_value is not None or v.is_initializer() else "not an 8-bit tensor"
+            return keep(f"input {v.name!r} is {kind}: no int8 neighbour to stay in")
+    if any(not _is_float(o) for o in node.outputs):
+        return keep("output is not float32")
+    plan.node_inputs[node.name] = indices
+    if node.op_type in QLINEAR_OPS:
+        reason = _plan_output(node, config, ranges, plan, folded)
+        if "left float" in reason:
+            return keep(f"int8 inputs, but the{reason.removeprefix(';')}: runs in float")
+        return NodeDecision(node.name, node.op_type, True, f"int8: QLinear{node.op_type}{reason}")
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return keep("output is a graph output: runs in float between DequantizeLinear and the output")
+    plan.activations.setdefault(out.name, plan.activations[node.inputs[indices[0]].name])
+    plan.rewire_all.add(out.name)
+    return NodeDecision(node.name, node.op_type, True, "int8: runs on 8-bit data with its input's scale")
 
 
 def _decide(
@@ -318,6 +444,8 @@ def _decide(
     if _skips_activation_matmul(node, roles, config):
         return keep("MatMul of two activations (attention): faster and more accurate in float on CPU")
     acts, weights = {}, {}
+    bias = next((r for r in roles if r.kind == "bias"), None)
+    roles = [r for r in roles if r.kind != "bias"]
     for role in roles:
         v = node.inputs[role.index]
         if v is None:
@@ -347,6 +475,10 @@ def _decide(
     for name, qp in acts.items():
         plan.activations.setdefault(name, qp)
     plan.node_inputs[node.name] = [r.index for r in roles]
+    if bias is not None and len(acts) == 1 and len(weights) == 1:
+        b = node.inputs[bias.index]
+        if np.isfinite(b.const_value.numpy()).all():
+            plan.biases[node.name] = (bias.index, b.name, next(iter(acts)), next(iter(weights)))
     kinds = ", ".join(
         f"{r.kind} {node.inputs[r.index].name}" + (f" per-channel axis {r.axis}" if r.kind == "weight" and r.axis is not None
                                                    and isinstance(config.weights_granularity, PerChannel) else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -68,6 +69,9 @@ QLINEAR_ELEMENTWISE = frozenset(
 )
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 MATMUL_LIKE_SOURCE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention"})
+# Source ops fed by DequantizeLinear that the CPU EP turns into QLinear kernels (a QDQ group each).
+_QLINEAR_SOURCE = frozenset({"Gather", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid",
+                             "LeakyRelu"})
 
 # (index of the activation input A, index of the weight input B) for FLOP estimates.
 _AB_INDEX = {
@@ -93,6 +97,7 @@ _AB_INDEX = {
     "Attention": (0, 1),
     "QAttention": (0, 1),
 }
+_TOKEN_SUFFIX = re.compile(r"(_token_\d+)+$")
 _CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvInteger", "QLinearConv"})
 
 
@@ -133,6 +138,7 @@ class Placement:
     execution_providers: list[str] = field(default_factory=list)
     nodes: list[NodePlacement] = field(default_factory=list)
     source_nodes: int = 0
+    source_convs: int = 0
     qdq_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     optimized_model_saved: bool = False
@@ -186,8 +192,23 @@ class Placement:
 
     @property
     def integer_node_names(self) -> set[str]:
-        """Names of the nodes that run as integer or low-bit kernels (for the quantization planner)."""
-        return {n.name for n in self.nodes if n.category in ("int8", "nbits")}
+        """Names of the nodes that ran as integer, QLinear element-wise or low-bit kernels, as the source
+        model names them (ONNX Runtime's layout transform appends ``_token_<n>`` to the nodes it rewrites)."""
+        return {
+            _source_name(n.name)
+            for n in self.nodes
+            if (n.category in ("int8", "nbits") or n.op_type in QLINEAR_ELEMENTWISE) and self._ran(n)
+        }
+
+    def _ran(self, node: NodePlacement) -> bool:
+        """Whether ``node`` ran (when a profiled run exists; every node counts when nothing ran)."""
+        return node.provider is not None or not any(n.provider for n in self.nodes)
+
+    @property
+    def convolutions(self) -> dict[str, int]:
+        """Convolutions of the source model and how many ran as integer kernels."""
+        int8 = sum(1 for n in self.nodes if n.op_type in ("QLinearConv", "ConvInteger") and self._ran(n))
+        return {"total": self.source_convs, "int8": int8, "float": max(self.source_convs - int8, 0)}
 
     @property
     def fused_qdq_groups(self) -> list[str]:
@@ -202,10 +223,11 @@ class Placement:
         return [g for g in self.qdq_groups if g not in names]
 
     def _flops(self, categories: tuple[str, ...], weight_only: bool = False) -> int:
+        """FLOPs of the nodes of ``categories`` that ran in the profiled run (nothing counts as planned)."""
         return sum(
             n.flops or 0
             for n in self.nodes
-            if n.category in categories and (n.weight_matmul or not weight_only)
+            if n.category in categories and n.provider is not None and (n.weight_matmul or not weight_only)
         )
 
     @property
@@ -255,6 +277,7 @@ class Placement:
             "nbits_kernels": self.nbits_kernels,
             "float_matmuls": self.float_matmuls,
             "qlinear_elementwise": self.qlinear_elementwise,
+            "convolutions": self.convolutions,
             "unfused_qdq": self.unfused_qdq,
             "qdq_groups": {
                 "total": len(self.qdq_groups),
@@ -347,6 +370,10 @@ def _node_flops(
     return 2 * out_elems * int(k)
 
 
+def _source_name(name: str) -> str:
+    return _TOKEN_SUFFIX.sub("", name)
+
+
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output if o}
 
@@ -365,6 +392,17 @@ def _is_weight(name: str, inits: set[str], producers: Mapping[str, onnx.NodeProt
     return False
 
 
+def _source_shape(name: str, shapes: Mapping[str, list[int]], producers: Mapping[str, onnx.NodeProto],
+                  depth: int = 0) -> list[int] | None:
+    """Shape of a constant reached through shape-preserving DequantizeLinear / Identity / Cast nodes."""
+    if name in shapes:
+        return shapes[name]
+    node = producers.get(name)
+    if node is None or depth > 4 or node.op_type not in ("DequantizeLinear", "Identity", "Cast") or not node.input:
+        return None
+    return _source_shape(node.input[0], shapes, producers, depth + 1)
+
+
 def _qdq_groups(model: onnx.ModelProto) -> list[str]:
     """Names of compute nodes whose inputs come from DequantizeLinear: the QDQ groups to fuse."""
     producers = _producers(model.graph)
@@ -372,9 +410,11 @@ def _qdq_groups(model: onnx.ModelProto) -> list[str]:
     for n in model.graph.node:
         if n.op_type in QDQ_OPS:
             continue
-        if n.op_type not in MATMUL_LIKE_SOURCE and n.op_type not in ("Gather",):
+        if n.op_type not in MATMUL_LIKE_SOURCE and n.op_type not in _QLINEAR_SOURCE:
             continue
-        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input):
+        from_dq = [producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input if i]
+        # a QLinear element-wise group needs every input dequantized (an Add of a float bias is no group)
+        if any(from_dq) if n.op_type in MATMUL_LIKE_SOURCE or n.op_type == "Gather" else all(from_dq):
             groups.append(n.name or f"<{n.op_type}>")
     return groups
 
@@ -445,6 +485,7 @@ def inspect_placement(
     source = onnx.load(str(path), load_external_data=False)
     placement = Placement(provider=EXECUTION_PROVIDERS[key], source_nodes=len(source.graph.node))
     placement.qdq_groups = _qdq_groups(source)
+    placement.source_convs = sum(1 for n in source.graph.node if n.op_type in _CONV_OPS)
     settings = SessionSettings(threads=intra_op_num_threads)
     with tempfile.TemporaryDirectory(prefix="ortq-placement-") as tmp:
         opt_path = os.path.join(tmp, "optimized.onnx")
@@ -514,8 +555,17 @@ def _fill_nodes(
         if node.op_type in _AB_INDEX and prof:
             in_shapes = [_shape_of(x) for x in prof.get("input_type_shape", [])]
             outs = prof.get("output_type_shape", [])
-            np_.flops = _node_flops(node, in_shapes, _shape_of(outs[0]) if outs else None, weight_shapes)
             b_idx = _AB_INDEX[node.op_type][1]
+            w_name = node.input[b_idx] if b_idx < len(node.input) else ""
+            if w_name and w_name not in weight_shapes:
+                # a float kernel reading a dequantized weight: the DequantizeLinear's initializer, else the
+                # profiled shape (a float kernel's weight input is the plain tensor)
+                shape = _source_shape(w_name, weight_shapes, producers)
+                if shape is None and np_.category == "float_matmul" and b_idx < len(in_shapes):
+                    shape = in_shapes[b_idx]
+                if shape is not None:
+                    weight_shapes[w_name] = shape
+            np_.flops = _node_flops(node, in_shapes, _shape_of(outs[0]) if outs else None, weight_shapes)
             np_.weight_matmul = b_idx < len(node.input) and _is_weight(node.input[b_idx], inits, producers)
         placement.nodes.append(np_)
     # Nodes that exist only in the running session (compiled TensorRT / fused kernels not in the saved graph).
