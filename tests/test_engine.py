@@ -14,6 +14,7 @@ from ortq.calibrators.collect import RangesJob
 from ortq.calibrators.engine import LocalEngine, RayEngine, shards_of
 from ortq.data import real_text
 from ortq.errors import CalibrationDataError, ConfigError
+from ortq.passes.plan import calibration_targets
 from ortq.quantizer import ORTQuantizer
 
 
@@ -51,6 +52,15 @@ def test_ray_extra_missing_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'ortq\[ray\]'"):
         RayEngine()
+
+
+def test_cli_ray_without_the_extra_is_one_line(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    from ortq.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["quantize", str(tiny_bert_dir), "--output", str(tmp_path / "q"), "--ray", "auto"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: calibration on Ray needs the ray extra: pip install 'ortq[ray]'"]
 
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'ortq[ray]')")
@@ -114,7 +124,7 @@ def test_a_failing_worker_is_retried_not_dropped(cluster, tiny_bert_dir, tmp_pat
     q = ORTQuantizer.from_pretrained(tiny_bert_dir)
     config = AutoCalibrationConfig.minmax(batch_size=8)
     feeds = list(q.batches(real_text("calibration", 48), batch_size=8))
-    names = [v.name for n in q.model.graph for v in n.outputs][:4]
+    names = calibration_targets(q.model, QuantizationConfig())
     expected = LocalEngine().run(RangesJob(names, config), q.model, feeds)
     job = _FailsOnce(names, config, marker=str(tmp_path / "failed"), die=die)
     state = RayEngine(num_workers=2, shard_batches=1, max_retries=2).run(job, q.model, feeds)
@@ -133,3 +143,12 @@ def test_a_shard_that_keeps_failing_is_an_error(cluster, tiny_bert_dir):
 
     with pytest.raises(CalibrationDataError, match="failed on Ray after 1 retries"):
         RayEngine(num_workers=1, max_retries=1).run(Broken([q.model.graph.inputs[0].name]), q.model, feeds)
+
+
+def test_cli_quantize_on_ray_writes_the_same_model(cluster, tiny_bert_dir, tmp_path):
+    from ortq.cli import main
+
+    common = ["--quiet", "quantize", str(tiny_bert_dir), "--num-samples", "32", "--batch-size", "8"]
+    assert main([*common, "--output", str(tmp_path / "local")]) == 0
+    assert main([*common, "--output", str(tmp_path / "ray"), "--ray", "local", "--ray-workers", "2"]) == 0
+    assert _digest(tmp_path / "ray" / "model.onnx") == _digest(tmp_path / "local" / "model.onnx")
