@@ -92,8 +92,13 @@ class QuantizeSteps:
     def __init__(self, model_path: Path):
         self.model_path = model_path
         self.model_dir = model_path.parent
-        proto, self.preparation = prepare_model(load_model(model_path), source=str(model_path))
+        # Weights in an external data file stay there: the proto holds the graph, the tensors are mapped from
+        # the file on first use (a model over 2 GB never sits whole in memory, nor twice).
+        proto, self.preparation = prepare_model(load_model(model_path, load_external_data=False),
+                                                source=str(model_path))
         self._float = ir.from_proto(proto)  # as loaded; smoothing works on a clone sharing its tensors
+        ir.external_data.set_base_dir(self._float.graph, model_path.parent)
+        del proto
         self.model = self._float
         self.collector: RangeCollector | None = None
         self.calibration_config: CalibrationConfig | None = None
