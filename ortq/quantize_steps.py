@@ -182,7 +182,8 @@ class QuantizeSteps:
         start = time.perf_counter()
         if engine is not None:
             self.engine = engine
-            job = RangesJob(self.collector.tensor_names, calibration_config, providers=providers)
+            job = RangesJob(self.collector.tensor_names, calibration_config, providers=providers,
+                            intra_op_num_threads=getattr(engine, "cpus_per_worker", None))
             desc = f"calibrating ({calibration_config.method.value})" if show_progress else None
             self.collector.state.merge(engine.run(job, self.model, feeds, desc=desc))
         else:
