@@ -136,11 +136,20 @@ def _timed(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` under GNU time: wall seconds, peak RSS (MB), exit status."""
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT)
+        subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT)
+    return _parse_time_log(log, time.perf_counter() - start)
+
+
+def _parse_time_log(log: Path, seconds: float) -> dict:
     text = log.read_text()
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": int(rss.group(1)) // 1024 if rss else None,
-            "rc": proc.returncode, "log_tail": text[-400:] if proc.returncode else ""}
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    if wall:
+        seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":"))))
+    rc = re.search(r"Exit status: (\d+)", text)
+    failed = rc is not None and rc.group(1) != "0"
+    return {"seconds": round(seconds, 1), "peak_rss_mb": int(rss.group(1)) // 1024 if rss else None,
+            "rc": int(rc.group(1)) if rc else None, "log_tail": text[-400:] if failed else ""}
 
 
 def _build_llama(folder: Path, params_m: int) -> int:
@@ -184,7 +193,10 @@ def bench_large(args: argparse.Namespace) -> dict:
         steps = {}
         export = f"from ortq.export import export; export({str(src)!r}, {str(work / 'fp32')!r}, overwrite=True, " \
                  "check_parity=False)"  # parity would hold the torch model and the ONNX session at once
-        steps["export"] = _timed([sys.executable, "-c", export], work / "export.log")
+        if (work / "fp32" / "model.onnx").is_file() and (work / "export.log").is_file():  # --keep: reuse it
+            steps["export"] = _parse_time_log(work / "export.log", 0.0)
+        else:
+            steps["export"] = _timed([sys.executable, "-c", export], work / "export.log")
         fp32 = work / "fp32"
         size = sum(f.stat().st_size for f in fp32.glob("model.onnx*")) / 1e6
         algo = ["--algorithm", "gptq", "--num-samples", "32"] if args.gptq else ["--algorithm", "rtn"]

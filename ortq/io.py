@@ -128,6 +128,24 @@ def needs_external_data(model: onnx.ModelProto | Any) -> bool:
     return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
+def has_external_tensors(model: Any) -> bool:
+    """Whether an ``onnx_ir.Model`` still reads some initializer from an external data file (its source's):
+    saved or serialized as it is, the copy would point at a data file that is not beside it."""
+    import onnx_ir as ir
+
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def save_ir_model(model: Any, path: str | os.PathLike) -> None:
+    """Write an ``onnx_ir.Model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one
+    protobuf or still maps some of them from another file."""
+    import onnx_ir as ir
+
+    p = Path(path)
+    external = needs_external_data(model) or has_external_tensors(model)
+    ir.save(model, p, external_data=p.name + ".data" if external else None)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one protobuf."""
     p = Path(path)

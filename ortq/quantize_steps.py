@@ -312,7 +312,8 @@ class QuantizeSteps:
             path = tmp / file_name
             if needs_external_data(done.model):
                 ir.save(done.model, path, external_data=file_name + ".data")
-            else:
+            else:  # small enough for one file: the weights still mapped from the source come in (norms, biases)
+                ir.external_data.load_to_model(done.model)
                 ir.save(done.model, path)
             try:  # from the file: the checker cannot take a model over 2 GB in memory
                 onnx.checker.check_model(str(path), full_check=False)

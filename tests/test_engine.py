@@ -152,3 +152,11 @@ def test_cli_quantize_on_ray_writes_the_same_model(cluster, tiny_bert_dir, tmp_p
     assert main([*common, "--output", str(tmp_path / "local")]) == 0
     assert main([*common, "--output", str(tmp_path / "ray"), "--ray", "local", "--ray-workers", "2"]) == 0
     assert _digest(tmp_path / "ray" / "model.onnx") == _digest(tmp_path / "local" / "model.onnx")
+
+
+def test_a_ray_dataset_calibrates_like_a_list(cluster, tiny_bert_dir):
+    text = real_text("calibration", 32)
+    config = AutoCalibrationConfig.minmax(batch_size=8)
+    dataset = ray.data.from_items([{"text": t} for t in text])
+    on_ray = ORTQuantizer.from_pretrained(tiny_bert_dir).fit(dataset, config, engine=RayEngine(num_workers=2))
+    assert on_ray == ORTQuantizer.from_pretrained(tiny_bert_dir).fit(text, config)

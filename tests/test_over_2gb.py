@@ -76,3 +76,17 @@ def test_export_int8_int4_validate_generate_with_external_data(big_llama, tmp_pa
         assert report.ok, report.violations
         result = Generator(path.parent).generate("The quick brown fox", max_new_tokens=8)
         assert len(result.token_ids) == len(fp32.token_ids)
+
+
+def test_a_small_output_of_an_external_data_source_is_one_self_contained_file(big_llama, tmp_path, monkeypatch):
+    """Weights mapped from the source's data file (norms) come into a quantized model small enough for one
+    file: it must not point at a data file that is not beside it."""
+    import onnxruntime as ort
+
+    from ortq import io
+
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    path = ORTQuantizer.from_pretrained(big_llama).quantize(WeightOnlyConfig(bits=4, block_size=16), tmp_path / "q")
+    assert sorted(p.name for p in path.parent.glob("model.onnx*")) == ["model.onnx"]
+    onnx.checker.check_model(str(path))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
