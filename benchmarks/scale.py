@@ -133,7 +133,10 @@ def bench_ray(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------- large
 
 def _timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` under GNU time: wall seconds, peak RSS (MB), exit status."""
+    """Run ``cmd`` under GNU time: wall seconds, peak RSS (MB), exit status. A step whose log (in a kept
+    work folder) records a success is not run again: its log is read."""
+    if log.is_file() and "Exit status: 0" in log.read_text():
+        return _parse_time_log(log, 0.0)
     start = time.perf_counter()
     with open(log, "w") as fh:
         subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT)
@@ -213,7 +216,8 @@ def bench_large(args: argparse.Namespace) -> dict:
                                                work / f"validate-{folder}.log")
             try:
                 data = json.loads((report / "report.json").read_text())
-                cosines[name] = data["providers"][0]["metrics"]["cosine"]
+                fidelity = data["providers"][0]["fidelity"]
+                cosines[name] = {"mean": round(fidelity["cosine"], 5), "min": round(fidelity["cosine_min"], 5)}
             except Exception as exc:  # noqa: BLE001 - recorded, not fatal
                 cosines[name] = f"unavailable ({type(exc).__name__})"
         for name, step in steps.items():
