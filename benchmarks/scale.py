@@ -192,7 +192,9 @@ def bench_large(args: argparse.Namespace) -> dict:
     ortq = [sys.executable, "-c", "import sys; from ortq.cli import main; sys.exit(main(sys.argv[1:]))"]
     try:
         src = work / "hf"
-        params = _build_llama(src, args.params_m) if not (src / "config.json").is_file() else None
+        if not (src / "config.json").is_file():
+            _build_llama(src, args.params_m)
+        params = sum(f.stat().st_size for f in src.glob("*.safetensors")) // 4  # fp32, stored once each
         steps = {}
         export = f"from ortq.export import export; export({str(src)!r}, {str(work / 'fp32')!r}, overwrite=True, " \
                  "check_parity=False)"  # parity would hold the torch model and the ONNX session at once
