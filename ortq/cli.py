@@ -147,6 +147,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     quantizer = ORTQuantizer.from_pretrained(args.input)
     quantizer.show_progress = not args.quiet
+    engine = None
+    if args.ray:
+        from ortq.calibrators.engine import RayEngine
+
+        engine = RayEngine(None if args.ray == "local" else args.ray, num_workers=args.ray_workers)
     if args.weight_only:
         if args.algorithm is None:
             # Data-aware GPTQ when data is at hand (given, or real text for a text model); else RTN.
@@ -157,7 +162,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             data = _default_calibration_data(Path(args.input), args.num_samples)
         calib = AutoCalibrationConfig.minmax(num_samples=args.num_samples) if args.num_samples else None
         path = quantizer.quantize(
-            config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite
+            config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite,
+            engine=engine,
         )
     else:
         config = _static_config(args)
@@ -179,6 +185,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             max_cosine_drop=args.max_cosine_drop,
             error_report=args.error_report,
             report_data=report_data,
+            engine=engine,
         )
         budget = (quantizer.last_report or {}).get("accuracy_budget")
         if budget:
@@ -304,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=_positive_int, help="calibration samples to use")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per calibration run (default 16)")
+    p.add_argument("--ray", metavar="ADDRESS", help="calibrate on a Ray cluster: auto, local, or ray://host:port "
+                   "(pip install 'ortq[ray]'); ranges are the same bits as without")
+    p.add_argument("--ray-workers", type=_positive_int, help="Ray workers (default: one per CPU of the cluster)")
     p.add_argument(
         "--preset",
         default="auto",

@@ -40,7 +40,7 @@ from ortq.calibrators.base import TensorRange
 from ortq.config import QuantizationConfig
 from ortq.errors import ConfigError
 from ortq.fallback_sim import Simulator
-from ortq.io import TOKENIZER_FILES, needs_external_data
+from ortq.io import TOKENIZER_FILES, save_ir_model
 from ortq.passes.insert_qdq import InsertQDQPass
 from ortq.passes.plan import QuantPlan, make_plan
 from ortq.runtime import (
@@ -496,7 +496,7 @@ def _write_model(model: ir.Model, folder: Path, side_files_from: Path | None) ->
     ``side_files_from``, for ``eval_fn``."""
     folder.mkdir()
     path = folder / "model.onnx"
-    ir.save(model, path, external_data="model.onnx.data" if needs_external_data(model) else None)
+    save_ir_model(model, path)
     if side_files_from is not None:
         for name in TOKENIZER_FILES:
             if (side_files_from / name).is_file():

@@ -56,8 +56,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise ModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from exc
     if not model.graph.node:
         raise ModelError(f"{p}: the ONNX graph has no nodes")
-    try:
-        onnx.checker.check_model(str(p) if needs_external_data(model) else model)
+    external = not load_external_data and _has_external_data(model)
+    if external and (missing := _missing_external_data(p)):
+        raise ModelError(f"{p}: external data file {missing!r} is missing; keep it next to the model it belongs to")
+    try:  # by path when weights are (or must be) external: the checker then reads them from their file
+        onnx.checker.check_model(str(p) if external or needs_external_data(model) else model)
     except Exception as exc:
         raise ModelError(f"{p}: invalid ONNX model ({first_line(exc)})") from exc
     opset = default_opset(model)
@@ -83,6 +86,12 @@ def _missing_external_data(path: Path) -> str | None:
     except Exception:
         return None
     return None
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return any(uses_external_data(t) for t in _get_all_tensors(model))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -117,6 +126,24 @@ def tensor_bytes(model: onnx.ModelProto | Any) -> int:
 def needs_external_data(model: onnx.ModelProto | Any) -> bool:
     """Whether ``model`` is too large to pass through one protobuf message (save or hand over as bytes)."""
     return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def has_external_tensors(model: Any) -> bool:
+    """Whether an ``onnx_ir.Model`` still reads some initializer from an external data file (its source's):
+    saved or serialized as it is, the copy would point at a data file that is not beside it."""
+    import onnx_ir as ir
+
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def save_ir_model(model: Any, path: str | os.PathLike) -> None:
+    """Write an ``onnx_ir.Model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one
+    protobuf or still maps some of them from another file."""
+    import onnx_ir as ir
+
+    p = Path(path)
+    external = needs_external_data(model) or has_external_tensors(model)
+    ir.save(model, p, external_data=p.name + ".data" if external else None)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from ortq.calibrators.activations import channel_absmax, second_moments
 from ortq.calibrators.base import TensorRange
-from ortq.calibrators.collect import CalibrationState, RangeCollector
+from ortq.calibrators.collect import CalibrationState, RangeCollector, RangesJob
 from ortq.config import CalibrationConfig, QuantizationConfig, WeightOnlyAlgorithm, WeightOnlyConfig
 from ortq.data import Batches, InputSpec, load_batches
 from ortq.errors import CalibrationDataError, ConfigError, ModelError
@@ -59,13 +59,14 @@ class Quantized:
     plan: QuantPlan | None = None
 
 
-def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches) -> dict[str, Any]:
+def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *, engine: Any = None) -> dict[str, Any]:
     """The keyword arguments of :class:`~ortq.passes.matmul_nbits.MatMulNBitsPass` for the data-aware parts:
-    per-channel mean squares (and Hessians for ``gptq``) of the activations it quantizes, over ``batches``."""
+    per-channel mean squares (and Hessians for ``gptq``) of the activations it quantizes, over ``batches``
+    (shards run by ``engine``, see :mod:`ortq.calibrators.engine`)."""
     names = weight_only_activations(model, config)
     gptq = WeightOnlyAlgorithm(config.algorithm) == WeightOnlyAlgorithm.GPTQ
     start = time.perf_counter()
-    stats = second_moments(model, names, batches, hessians=gptq)
+    stats = second_moments(model, names, batches, hessians=gptq, engine=engine)
     return {
         "mean_squares": {n: stats.mean_square(n) for n in stats.sum_squares},
         "hessians": stats.hessians if gptq else None,
@@ -91,13 +92,19 @@ class QuantizeSteps:
     def __init__(self, model_path: Path):
         self.model_path = model_path
         self.model_dir = model_path.parent
-        proto, self.preparation = prepare_model(load_model(model_path), source=str(model_path))
+        # Weights in an external data file stay there: the proto holds the graph, the tensors are mapped from
+        # the file on first use (a model over 2 GB never sits whole in memory, nor twice).
+        proto, self.preparation = prepare_model(load_model(model_path, load_external_data=False),
+                                                source=str(model_path))
         self._float = ir.from_proto(proto)  # as loaded; smoothing works on a clone sharing its tensors
+        ir.external_data.set_base_dir(self._float.graph, model_path.parent)
+        del proto
         self.model = self._float
         self.collector: RangeCollector | None = None
         self.calibration_config: CalibrationConfig | None = None
         self.smoothing: dict[str, Any] | None = None
         self.calibration_batches: list[Mapping[str, np.ndarray]] | None = None
+        self.engine: Any = None  # runs calibration shards (None: the collector streams in this process)
 
     # -------------------------------------------------------------------------------------------- data
 
@@ -109,8 +116,9 @@ class QuantizeSteps:
             if v.name in inits:
                 continue
             dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype("float32")
+            rank = len(v.shape) if v.shape is not None else None
             dims = tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else ()
-            specs[v.name] = InputSpec(v.name, dtype, len(v.shape) if v.shape is not None else None, dims)
+            specs[v.name] = InputSpec(v.name, dtype, rank, dims)  # dims: a prefill's empty KV cache needs them
         return specs
 
     def batches(self, dataset: Any, *, batch_size: int = 16, num_samples: int | None = None,
@@ -128,6 +136,7 @@ class QuantizeSteps:
         self.calibration_config = None
         self.smoothing = None
         self.calibration_batches = None
+        self.engine = None
 
     def smooth(self, alpha: float | str, feeds: Sequence[Mapping[str, np.ndarray]], int4_block: int | None) -> None:
         """SmoothQuant on a clone of the float model; calibration and quantization then use it."""
@@ -148,9 +157,12 @@ class QuantizeSteps:
         *,
         providers: Sequence[str] | None = None,
         show_progress: bool = True,
+        engine: Any = None,
     ) -> None:
         """Add ``feeds`` to the running statistics; the first call smooths (if ``qconfig`` asks) and sets up
-        the collector on the activations ``qconfig`` quantizes."""
+        the collector on the activations ``qconfig`` quantizes. With ``engine`` (see
+        :mod:`ortq.calibrators.engine`) the shards of ``feeds`` run there and their states are merged here;
+        smoothing still runs in this process."""
         if self.calibration_config is not None and calibration_config != self.calibration_config:
             raise ConfigError("partial_fit called with a different calibration config than before")
         self.calibration_config = calibration_config
@@ -168,7 +180,14 @@ class QuantizeSteps:
         if self.calibration_batches is None:
             self.calibration_batches = list(feeds)
         start = time.perf_counter()
-        self.collector.collect(feeds, total=len(feeds), show_progress=show_progress)
+        if engine is not None:
+            self.engine = engine
+            job = RangesJob(self.collector.tensor_names, calibration_config, providers=providers,
+                            intra_op_num_threads=getattr(engine, "cpus_per_worker", None))
+            desc = f"calibrating ({calibration_config.method.value})" if show_progress else None
+            self.collector.state.merge(engine.run(job, self.model, feeds, desc=desc))
+        else:
+            self.collector.collect(feeds, total=len(feeds), show_progress=show_progress)
         logger.info("calibrated on %d samples in %.1fs", self.collector.state.num_samples,
                     time.perf_counter() - start)
 
@@ -202,7 +221,8 @@ class QuantizeSteps:
             hessians = None
             if self.calibration_batches is not None:
                 activations = sorted(set(int4_targets(model, plan).values()))
-                hessians = second_moments(model, activations, self.calibration_batches, hessians=True).hessians
+                hessians = second_moments(model, activations, self.calibration_batches, hessians=True,
+                                           engine=self.engine).hessians
             int4 = Int4StoragePass(plan, block_size=config.storage_block_size, hessians=hessians)
             reports.update(run_passes(model, [int4]))
             plan = make_plan(model, config, ranges)  # the 4-bit weights are a new model state
@@ -230,10 +250,12 @@ class QuantizeSteps:
             report["calibration"] = self.collector.state.summary()
         return Quantized(model, report, plan)
 
-    def weight_only(self, config: WeightOnlyConfig, feeds: Sequence[Mapping[str, np.ndarray]] | None) -> Quantized:
-        """Weight-only (MatMulNBits) of a clone of ``model``, data-aware when ``feeds`` are given."""
+    def weight_only(self, config: WeightOnlyConfig, feeds: Sequence[Mapping[str, np.ndarray]] | None,
+                    *, engine: Any = None) -> Quantized:
+        """Weight-only (MatMulNBits) of a clone of ``model``, data-aware when ``feeds`` are given (statistics
+        gathered by ``engine``, see :mod:`ortq.calibrators.engine`)."""
         model = self._float.clone()
-        stats = weight_only_statistics(model, config, feeds) if feeds is not None else {}
+        stats = weight_only_statistics(model, config, feeds, engine=engine) if feeds is not None else {}
         passes: list[ReportingPass] = [MatMulNBitsPass(config, **stats)]
         if config.tune_cpu_kernels:
             passes.append(CpuKernelsPass())
@@ -290,7 +312,8 @@ class QuantizeSteps:
             path = tmp / file_name
             if needs_external_data(done.model):
                 ir.save(done.model, path, external_data=file_name + ".data")
-            else:
+            else:  # small enough for one file: the weights still mapped from the source come in (norms, biases)
+                ir.external_data.load_to_model(done.model)
                 ir.save(done.model, path)
             try:  # from the file: the checker cannot take a model over 2 GB in memory
                 onnx.checker.check_model(str(path), full_check=False)

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from ortq.calibrators.base import TensorRange
 from ortq.calibrators.collect import CalibrationState
+from ortq.calibrators.engine import materialize
 from ortq.config import (
     AnyQuantizationConfig,
     AutoQuantizationConfig,
@@ -102,18 +103,25 @@ class ORTQuantizer:
         max_length: int = 128,
         providers: tuple[str, ...] | None = None,
         show_progress: bool | None = None,
+        engine: Any = None,
     ) -> None:
-        """Add ``dataset`` to the running activation statistics (tokenized once, kept for later steps)."""
+        """Add ``dataset`` to the running activation statistics (tokenized once, kept for later steps).
+
+        ``engine`` runs the statistics: a :class:`~ortq.calibrators.engine.RayEngine` splits the batches into
+        shards for the workers of a Ray cluster and merges their states here, with the same ranges, to the
+        bit, as a run in this process. ``dataset`` may then also be a ``ray.data.Dataset``.
+        """
         steps = self.steps
         if steps.calibration_config is not None and calibration_config != steps.calibration_config:
             raise ConfigError("partial_fit called with a different calibration config than before")
-        feeds = list(self.batches(dataset, batch_size=batch_size or calibration_config.batch_size,
+        feeds = list(self.batches(materialize(dataset), batch_size=batch_size or calibration_config.batch_size,
                                   num_samples=calibration_config.num_samples, max_length=max_length))
         qconfig = quantization_config or QuantizationConfig()
         if operators_to_quantize:
             qconfig = dataclasses.replace(qconfig, operators_to_quantize=tuple(operators_to_quantize))
         steps.calibrate(feeds, calibration_config, qconfig, providers=providers,
-                        show_progress=self.show_progress if show_progress is None else show_progress)
+                        show_progress=self.show_progress if show_progress is None else show_progress,
+                        engine=engine)
 
     def compute_ranges(self) -> dict[str, TensorRange]:
         """Ranges from the statistics gathered so far."""
@@ -159,6 +167,7 @@ class ORTQuantizer:
         error_report: bool = False,
         report_data: Any = None,
         budget_options: dict[str, Any] | None = None,
+        engine: Any = None,
     ) -> Path:
         """Quantize and write ``save_dir/model.onnx`` with the config used and the tokenizer files.
 
@@ -171,7 +180,8 @@ class ORTQuantizer:
         ``calibration_data``, a quarter of which is set aside to check the budget; ``budget_options`` go to
         :func:`ortq.fallback.search_fallback`, e.g. ``max_evaluations``, ``latency_runs``). ``error_report``
         writes the per-layer error report (``layer_report.{json,md,png}``) beside the model, on
-        ``report_data`` or the calibration data.
+        ``report_data`` or the calibration data. ``engine`` runs calibration and weight statistics (see
+        :meth:`partial_fit`).
         """
         if isinstance(quantization_config, (str, os.PathLike)) and not isinstance(save_dir, (str, os.PathLike)):
             quantization_config, save_dir = save_dir, quantization_config
@@ -209,9 +219,10 @@ class ORTQuantizer:
                     layer_batches, layer_data = held, "calibration samples set aside for the budget"
         elif isinstance(quantization_config, WeightOnlyConfig):
             done = steps.weight_only(quantization_config, self._weight_only_feeds(
-                quantization_config, calibration_data, calibration_config))
+                quantization_config, calibration_data, calibration_config), engine=engine)
         else:
-            done = self._static(quantization_config, calibration_tensors_range, calibration_data, calibration_config)
+            done = self._static(quantization_config, calibration_tensors_range, calibration_data, calibration_config,
+                                engine=engine)
             if error_report:
                 layer_batches = self._layer_batches(report_data if report_data is not None else calibration_data)
         config_doc = {
@@ -239,6 +250,7 @@ class ORTQuantizer:
         ranges: dict[str, TensorRange] | None,
         calibration_data: Any,
         calibration_config: CalibrationConfig | None,
+        engine: Any = None,
     ) -> Quantized:
         steps = self.steps
         smoothed_with = steps.smoothing["alpha"] if steps.smoothing else None
@@ -255,7 +267,8 @@ class ORTQuantizer:
         if ranges is None:
             if calibration_data is not None:
                 ranges = self.fit(
-                    calibration_data, calibration_config or CalibrationConfig(), quantization_config=config
+                    calibration_data, calibration_config or CalibrationConfig(), quantization_config=config,
+                    engine=engine,
                 )
             elif steps.collector is not None:
                 ranges = self.compute_ranges()
@@ -274,7 +287,7 @@ class ORTQuantizer:
         # GPTQ's Hessians want thousands of tokens; RTN only weighs channels with them.
         default = 512 if config.algorithm.value == "gptq" else 128
         num = calibration_config.num_samples if calibration_config and calibration_config.num_samples else default
-        return list(self.batches(calibration_data, num_samples=num, batch_size=8))
+        return list(self.batches(materialize(calibration_data), num_samples=num, batch_size=8))
 
 
 def _as_range(value: Any) -> TensorRange:

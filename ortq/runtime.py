@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from ortq.errors import CalibrationDataError, ConfigError, ModelError, OrtqError, first_line
-from ortq.io import needs_external_data
+from ortq.io import has_external_tensors, needs_external_data
 from ortq.progress import progress
 
 EXECUTION_PROVIDERS = {
@@ -228,7 +228,7 @@ def _session_source(model: Any) -> tuple[str | bytes, tempfile.TemporaryDirector
 
         if not isinstance(model, ir.Model):
             raise TypeError(f"cannot make a session from {type(model).__name__}")
-        if not needs_external_data(model):
+        if not needs_external_data(model) and not has_external_tensors(model):
             return ir.to_proto(model).SerializeToString(), None
         tmp = tempfile.TemporaryDirectory(prefix="ortq-session-", ignore_cleanup_errors=True)
         path = Path(tmp.name) / "model.onnx"

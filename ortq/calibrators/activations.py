@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ortq.calibrators.engine import LocalEngine, ShardJob
 from ortq.calibrators.graph import observed_session
-from ortq.errors import CalibrationDataError
 from ortq.runtime import SessionSettings, attention_mask_of, run_batches
 
 logger = logging.getLogger(__name__)
@@ -119,36 +120,62 @@ def channel_absmax(
     return stats
 
 
+class MomentsJob(ShardJob):
+    """Row counts, per-channel sums of squares and (with ``hessians``) ``X^T X`` of ``activations``, as a
+    :class:`~ortq.calibrators.engine.ShardJob`: all are sums, merged by adding the shards' partials in shard
+    order (so any engine gives the same float64 bits)."""
+
+    def __init__(self, activations: Sequence[str], *, hessians: bool = False):
+        self.activations = list(dict.fromkeys(activations))
+        self.hessians = hessians
+
+    def open(self, model: ir.Model):
+        additions = onnx.ModelProto()
+        existing = {o.name for o in model.graph.outputs}
+        additions.graph.output.extend(
+            onnx.helper.make_empty_tensor_value_info(n) for n in self.activations if n not in existing
+        )
+        return observed_session(model, additions, settings=SessionSettings(optimization="disable"),
+                                what="the model for weight statistics")
+
+    def run(self, opened, batches: Sequence[Mapping[str, np.ndarray]]) -> ActivationStatistics:
+        stats = ActivationStatistics()
+        for batch, outs in run_batches(opened, batches, self.activations, what="a calibration batch"):
+            mask = attention_mask_of(batch)
+            for name in self.activations:
+                x = np.asarray(outs[name], np.float32)
+                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                    x = x[mask.astype(bool)]
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                stats.count[name] = stats.count.get(name, 0) + x.shape[0]
+                stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
+                if self.hessians:
+                    stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
+        return stats
+
+    def merge(self, partials: Sequence[ActivationStatistics]) -> ActivationStatistics:
+        total = ActivationStatistics()
+        for part in partials:
+            for name, n in part.count.items():
+                total.count[name] = total.count.get(name, 0) + n
+            for field_name in ("sum_squares", "hessians"):
+                into, add = getattr(total, field_name), getattr(part, field_name)
+                for name, value in add.items():
+                    into[name] = into[name] + value if name in into else value.copy()
+        return total
+
+
 def second_moments(
     model: ir.Model,
     activations: Sequence[str],
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     hessians: bool = False,
+    engine: Any = None,
 ) -> ActivationStatistics:
     """Row count and per-channel sum of squares of ``activations`` over non-padded positions, and their
-    ``X^T X`` with ``hessians`` (float64). ``model`` is not changed."""
-    names = list(dict.fromkeys(activations))
-    additions = onnx.ModelProto()
-    existing = {o.name for o in model.graph.outputs}
-    additions.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    session = observed_session(
-        model, additions, settings=SessionSettings(optimization="disable"), what="the model for weight statistics"
-    )
-    stats = ActivationStatistics()
-    seen = 0
-    for batch, outs in run_batches(session, batches, names, what="a calibration batch"):
-        seen += 1
-        mask = attention_mask_of(batch)
-        for name in names:
-            x = np.asarray(outs[name], np.float32)
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.astype(bool)]
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            stats.count[name] = stats.count.get(name, 0) + x.shape[0]
-            stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
-            if hessians:
-                stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
-    if seen == 0:
-        raise CalibrationDataError("calibration data is empty")
-    return stats
+    ``X^T X`` with ``hessians`` (float64). ``model`` is not changed. ``engine`` runs the shards
+    (:class:`~ortq.calibrators.engine.LocalEngine` by default, or a
+    :class:`~ortq.calibrators.engine.RayEngine`): the result is the same bits either way."""
+    engine = engine if engine is not None else LocalEngine()
+    return engine.run(MomentsJob(activations, hessians=hessians), model, batches)

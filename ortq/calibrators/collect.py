@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from ortq.calibrators.base import SENTINEL_ABS, Observer, TensorRange, make_observer, observer_class
+from ortq.calibrators.engine import ShardJob
 from ortq.calibrators.graph import as_ir_model, light_proto, observed_session
 from ortq.config import CalibrationConfig, CalibrationMethod
 from ortq.errors import CalibrationDataError, ModelError
@@ -331,3 +332,31 @@ def _row_mask(
     return None
 
 
+
+
+class RangesJob(ShardJob):
+    """Range statistics of ``tensor_names`` as a :class:`~ortq.calibrators.engine.ShardJob`: each worker keeps
+    one :class:`RangeCollector` session; a shard gives a fresh :class:`CalibrationState`."""
+
+    def __init__(self, tensor_names: Sequence[str], config: CalibrationConfig, *,
+                 providers: Sequence[str] | None = None, intra_op_num_threads: int | None = None):
+        self.tensor_names = list(tensor_names)
+        self.config = config
+        self.providers = list(providers) if providers else None
+        self.threads = intra_op_num_threads
+
+    def open(self, model: ir.Model) -> RangeCollector:
+        return RangeCollector(model, self.tensor_names, self.config, providers=self.providers,
+                              intra_op_num_threads=self.threads)
+
+    def run(self, opened: RangeCollector, batches: Sequence[Mapping[str, np.ndarray]]) -> CalibrationState:
+        opened.state = CalibrationState(self.config)
+        for name in opened.tensor_names:
+            opened.state.observer(name)
+        return opened.collect(batches, total=len(batches), show_progress=False)
+
+    def merge(self, partials: Sequence[CalibrationState]) -> CalibrationState:
+        state = CalibrationState(self.config)
+        for partial in partials:
+            state.merge(partial)
+        return state
