@@ -23,9 +23,9 @@ from typing import Any
 
 import onnx
 
-from ortq.errors import ConfigError, ExportError, OrtqError, first_line, require
+from ortq.errors import ConfigError, ExportError, OrtqError, require
 from ortq.export.attention import OP_TYPE as FUSED_OP
-from ortq.export.convert import convert, drop_weight_identities, set_metadata, tag_tied_weights
+from ortq.export.convert import convert, drop_weight_identities, save_checked, set_metadata, tag_tied_weights
 from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
@@ -34,7 +34,7 @@ from ortq.export.seq2seq import ENCODER_FILE, seq2seq_specs, write_graphs
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
 from ortq.export.vision import save_preprocessor, vision_spec, vision_task
-from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir, save_model
+from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir
 from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
 logger = logging.getLogger(__name__)
@@ -253,12 +253,7 @@ def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, ma
     set_metadata(proto, spec.task, max_length, used, tied)
     for f in list(model_path.parent.iterdir()):  # exporters may write external data files; save_model rewrites
         f.unlink()
-    save_model(proto, model_path)
-    external = (model_path.parent / (MODEL_FILENAME + ".data")).exists()
-    try:
-        onnx.checker.check_model(str(model_path) if external else proto)
-    except Exception as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {first_line(exc)}") from exc
+    external = save_checked(proto, model_path)
     del proto
     max_abs = max_rel = None
     shapes: tuple[tuple[int, ...], ...] = ()

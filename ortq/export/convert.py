@@ -15,6 +15,7 @@ import onnx
 
 from ortq.errors import ExportError, first_line, require
 from ortq.export.spec import ExportSpec
+from ortq.io import save_model
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +181,15 @@ def set_metadata(proto, task, max_length, exporter, tied) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = proto.producer_name or "pytorch"
+
+
+def save_checked(proto: onnx.ModelProto, path: Path) -> bool:
+    """Save ``proto`` to ``path`` (external data when too large) and run ``onnx.checker`` on what was written;
+    return whether the weights went to an external data file."""
+    save_model(proto, path)
+    external = path.with_name(path.name + ".data").exists()
+    try:
+        onnx.checker.check_model(str(path) if external else proto)
+    except Exception as exc:
+        raise ExportError(f"{path.name} fails onnx.checker: {first_line(exc)}") from exc
+    return external

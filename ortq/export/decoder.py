@@ -31,7 +31,7 @@ def cache_layout(model: Any) -> tuple[int, int, int]:
     torch = require("torch", "export")
     with torch.no_grad():
         out = model(input_ids=torch.ones((1, 1), dtype=torch.long), use_cache=True)
-    layers = getattr(_cache_of(out), "layers", None)
+    layers = getattr(cache_of(out), "layers", None)
     if not layers:
         raise ExportError(f"{type(model).__name__} returns no KV cache; export it with --task causal-lm-no-past")
     keys = [layer.keys for layer in layers]
@@ -43,7 +43,7 @@ def cache_layout(model: Any) -> tuple[int, int, int]:
     return len(keys), int(keys[0].shape[1]), int(keys[0].shape[3])
 
 
-def _cache_keyword(model: Any) -> str:
+def cache_keyword(model: Any) -> str:
     """transformers >= 5.24 names the cache argument ``cache``; earlier releases ``past_key_values``."""
     import inspect
 
@@ -51,7 +51,8 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _cache_of(output: Any) -> Any:
+def cache_of(output: Any) -> Any:
+    """The cache a transformers forward returned (``cache`` from 5.24 on, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
@@ -71,7 +72,7 @@ def _wrapper(model: Any, num_layers: int, fused: bool):
     torch = require("torch", "export")
     transformers = require("transformers", "export")
 
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     if fused:
         attention.register()
 
@@ -86,7 +87,7 @@ def _wrapper(model: Any, num_layers: int, fused: bool):
             if not fused:
                 cache = transformers.DynamicCache(pairs, config=self.model.config)
                 out = self.model(**inputs, use_cache=True, **{keyword: cache})
-                present = [t for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
+                present = [t for layer in cache_of(out).layers for t in (layer.keys, layer.values)]
                 return (out.logits, *present)
             with (
                 attention.fused_step(pairs, attention_mask) as step,

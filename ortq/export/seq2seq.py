@@ -39,11 +39,11 @@ from typing import Any
 
 import onnx
 
-from ortq.errors import ExportError, first_line, require
-from ortq.export.convert import convert, drop_weight_identities, set_metadata
+from ortq.errors import ExportError, require
+from ortq.export.convert import convert, drop_weight_identities, save_checked, set_metadata
+from ortq.export.decoder import cache_keyword, cache_of
 from ortq.export.parity import compare_with_torch
 from ortq.export.spec import PARITY_TEXTS, ExportSpec, text_inputs
-from ortq.io import save_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,6 @@ ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
 SEQ2SEQ_FILES = (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
-
-
-def _cache_keyword(model: Any) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
@@ -83,7 +73,7 @@ def _wrappers(model: Any):
     """(encoder, first-step decoder, decoder with past) modules taking positional tensors."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     speech = is_speech(model)
     layers = model.config.decoder_layers if hasattr(model.config, "decoder_layers") else model.config.num_decoder_layers
 
@@ -128,7 +118,7 @@ def _wrappers(model: Any):
                 transformers.DynamicCache(config=self.model.config), transformers.DynamicCache(config=self.model.config)
             )
             out = run(input_ids, encoder_hidden_states, mask, empty)
-            return (out.logits, *flat(_cache_of(out), with_cross=True))
+            return (out.logits, *flat(cache_of(out), with_cross=True))
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self):
@@ -148,7 +138,7 @@ def _wrappers(model: Any):
             key = past[2]
             hidden = key.new_zeros((key.shape[0], key.shape[2], self.model.config.d_model))
             out = run(input_ids, hidden, mask, cache)
-            return (out.logits, *flat(_cache_of(out), with_cross=False))
+            return (out.logits, *flat(cache_of(out), with_cross=False))
 
     return Encoder().eval(), Decoder().eval(), DecoderWithPast().eval(), layers
 
@@ -291,12 +281,7 @@ def write_graphs(specs: dict[str, ExportSpec], folder: Any, opset: int, exporter
         drop_weight_identities(proto)
         set_metadata(proto, spec.task, max_length, used, {})
         path = folder / file_name
-        save_model(proto, path)
-        external = path.with_name(file_name + ".data").exists()
-        try:
-            onnx.checker.check_model(str(path) if external else proto)
-        except Exception as exc:
-            raise ExportError(f"{file_name} fails onnx.checker: {first_line(exc)}") from exc
+        external = save_checked(proto, path)
         del proto
         max_abs = max_rel = None
         shapes: tuple = ()
