@@ -109,7 +109,8 @@ class QuantizeSteps:
             if v.name in inits:
                 continue
             dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype("float32")
-            specs[v.name] = InputSpec(v.name, dtype, len(v.shape) if v.shape is not None else None)
+            dims = tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else ()
+            specs[v.name] = InputSpec(v.name, dtype, len(v.shape) if v.shape is not None else None, dims)
         return specs
 
     def batches(self, dataset: Any, *, batch_size: int = 16, num_samples: int | None = None,
