@@ -257,6 +257,8 @@ class WeightOnlyConfig(_JsonConfig):
         int8_block_size: block size of the 8-bit layers (symmetric); None: the largest power of two <= 128
             that divides K (and is >= block_size), else block_size.
         nodes_to_exclude: node-name patterns (fnmatch) left in float.
+        keep_source_grid: a weight that already lies exactly on a block grid (a GGUF Q4_0 / Q4_1 / Q8_0
+            source) keeps it, bit for bit, instead of being rounded again.
     """
 
     KIND: ClassVar[str] = "weight_only"
@@ -272,6 +274,7 @@ class WeightOnlyConfig(_JsonConfig):
     nodes_to_exclude: tuple[str, ...] = ()
     int8_block_size: int | None = None
     tune_cpu_kernels: bool = True
+    keep_source_grid: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
