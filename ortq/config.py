@@ -248,8 +248,11 @@ class WeightOnlyConfig(_JsonConfig):
         block_size: weights per scale along the input dimension (power of two, >= 16).
         symmetric: symmetric blocks (no zero points).
         accuracy_level: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations, the fast CPU path).
-        algorithm: rtn (round to nearest with a per-block clipping search) or gptq (data-aware: needs
-            calibration data).
+        algorithm: gptq (default; data-aware: without calibration data a text model calibrates on
+            mixed-domain passages, see :mod:`ortq.corpus`, and a model without a tokenizer falls back to rtn)
+            or rtn (round to nearest with a per-block clipping search). Chosen by perplexity on held-out
+            out-of-domain text (news) of SmolLM2-135M: gptq on mixed text +5.8 %, gptq on documentation alone
+            +11.4 %, rtn with activation weighting +8.7 %, plain rtn +27.6 %.
         quantize_embeddings: large embedding Gathers become ``GatherBlockQuantized``.
         int8_nodes: node-name patterns (fnmatch) quantized to 8 bits instead.
         auto_int8_sensitive: also keep the most sensitive layers (the output projection / lm_head and an
@@ -267,7 +270,7 @@ class WeightOnlyConfig(_JsonConfig):
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int | None = 4
-    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.RTN
+    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.GPTQ
     quantize_embeddings: bool = True
     int8_nodes: tuple[str, ...] = ()
     auto_int8_sensitive: bool = True

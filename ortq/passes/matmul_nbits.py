@@ -36,7 +36,6 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from ortq.errors import CalibrationDataError
 from ortq.passes._int4 import BlockQuantized, SourceGrid, find_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
 from ortq.passes.gather_quant import (
@@ -224,8 +223,12 @@ def quantize_weight_only(
     t0 = time.perf_counter()
     graph = model.graph
     algorithm = WeightOnlyAlgorithm(config.algorithm)
+    notes = []
     if algorithm == WeightOnlyAlgorithm.GPTQ and hessians is None:
-        raise CalibrationDataError("algorithm gptq needs calibration data (--calibration-data PATH)")
+        # GPTQ is the default: without statistics (no calibration data) every layer is rounded with rtn.
+        notes.append("gptq without calibration statistics: rtn used")
+        logger.warning("weight-only: %s", notes[-1])
+        algorithm = WeightOnlyAlgorithm.RTN
 
     skipped: dict[str, str] = {}
     sites, gathers = _find_sites(graph, config, skipped)
@@ -355,6 +358,7 @@ def quantize_weight_only(
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "calibration": calibration,
+        "notes": notes,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     logger.info(
