@@ -142,7 +142,6 @@ def _default_calibration_data(input_path: Path, num_samples: int | None) -> Any:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from ortq.config import AutoCalibrationConfig
-    from ortq.io import has_tokenizer
     from ortq.quantizer import ORTQuantizer
 
     quantizer = ORTQuantizer.from_pretrained(args.input)
@@ -154,12 +153,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         engine = RayEngine(None if args.ray == "local" else args.ray, num_workers=args.ray_workers)
     if args.weight_only:
         if args.algorithm is None:
-            # Data-aware GPTQ when data is at hand (given, or real text for a text model); else RTN.
-            args.algorithm = "gptq" if args.calibration_data or has_tokenizer(Path(args.input)) else "rtn"
+            # The same default as WeightOnlyConfig(): gptq; without --calibration-data the quantizer
+            # calibrates a text model on mixed-domain passages and falls back to rtn without a tokenizer.
+            from ortq.config import WeightOnlyConfig
+
+            args.algorithm = WeightOnlyConfig().algorithm.value
         config = _weight_only_config(args)
         data = args.calibration_data
-        if data is None and config.algorithm.value != "rtn":
-            data = _default_calibration_data(Path(args.input), args.num_samples)
         calib = AutoCalibrationConfig.minmax(num_samples=args.num_samples) if args.num_samples else None
         path = quantizer.quantize(
             config, args.output, calibration_data=data, calibration_config=calib, overwrite=args.overwrite,
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--algorithm",
         choices=["rtn", "gptq"],
-        help="weight-only algorithm (default: gptq when calibration data or a tokenizer is at hand, else rtn)",
+        help="weight-only algorithm (default gptq, as WeightOnlyConfig(); without --calibration-data a text "
+        "model calibrates on mixed-domain passages, a model without a tokenizer falls back to rtn)",
     )
     p.add_argument("--int8-block-size", type=_positive_int, help="block size of the 8-bit weight-only layers")
     p.add_argument("--no-auto-int8", action="store_true", help="do not keep lm_head / tied layers at 8 bits")

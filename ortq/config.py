@@ -252,8 +252,11 @@ class WeightOnlyConfig(_JsonConfig):
         block_size: weights per scale along the input dimension (power of two, >= 16).
         symmetric: symmetric blocks (no zero points).
         accuracy_level: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations, the fast CPU path).
-        algorithm: rtn (round to nearest with a per-block clipping search) or gptq (data-aware: needs
-            calibration data).
+        algorithm: gptq (default; data-aware: without calibration data a text model calibrates on
+            mixed-domain passages, see :mod:`ortq.corpus`, and a model without a tokenizer falls back to rtn)
+            or rtn (round to nearest with a per-block clipping search). Chosen by perplexity on held-out
+            out-of-domain text (news) of SmolLM2-135M: gptq on mixed text +5.8 %, gptq on documentation alone
+            +11.4 %, rtn with activation weighting +8.7 %, plain rtn +27.6 %.
         quantize_embeddings: large embedding Gathers become ``GatherBlockQuantized``.
         int8_nodes: node-name patterns (fnmatch) quantized to 8 bits instead.
         auto_int8_sensitive: also keep the most sensitive layers (the output projection / lm_head and an
@@ -261,6 +264,8 @@ class WeightOnlyConfig(_JsonConfig):
         int8_block_size: block size of the 8-bit layers (symmetric); None: the largest power of two <= 128
             that divides K (and is >= block_size), else block_size.
         nodes_to_exclude: node-name patterns (fnmatch) left in float.
+        keep_source_grid: a weight that already lies exactly on a block grid (a GGUF Q4_0 / Q4_1 / Q8_0
+            source) keeps it, bit for bit, instead of being rounded again.
     """
 
     KIND: ClassVar[str] = "weight_only"
@@ -269,13 +274,14 @@ class WeightOnlyConfig(_JsonConfig):
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int | None = 4
-    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.RTN
+    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.GPTQ
     quantize_embeddings: bool = True
     int8_nodes: tuple[str, ...] = ()
     auto_int8_sensitive: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     int8_block_size: int | None = None
     tune_cpu_kernels: bool = True
+    keep_source_grid: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))

@@ -26,6 +26,7 @@ from ortq.config import (
     AutoQuantizationConfig,
     CalibrationConfig,
     QuantizationConfig,
+    WeightOnlyAlgorithm,
     WeightOnlyConfig,
 )
 from ortq.data import Batches
@@ -218,6 +219,7 @@ class ORTQuantizer:
                 else:
                     layer_batches, layer_data = held, "calibration samples set aside for the budget"
         elif isinstance(quantization_config, WeightOnlyConfig):
+            quantization_config, calibration_data = self._weight_only_defaults(quantization_config, calibration_data)
             done = steps.weight_only(quantization_config, self._weight_only_feeds(
                 quantization_config, calibration_data, calibration_config), engine=engine)
         else:
@@ -278,6 +280,21 @@ class ORTQuantizer:
                     "or pass calibration_tensors_range"
                 )
         return steps.static(config, {k: _as_range(v) for k, v in ranges.items()}, notes=notes)
+
+    def _weight_only_defaults(self, config: WeightOnlyConfig, calibration_data: Any) -> tuple[WeightOnlyConfig, Any]:
+        """GPTQ (the default) without calibration data calibrates a text model on mixed-domain passages
+        (:func:`ortq.corpus.passages`); a model without a tokenizer falls back to RTN, with a warning."""
+        if calibration_data is not None or config.algorithm.value != "gptq":
+            return config, calibration_data
+        from ortq.io import has_tokenizer
+
+        if has_tokenizer(self.model_path.parent):
+            from ortq.corpus import passages
+
+            logger.info("weight-only gptq: no calibration data, using mixed-domain passages (ortq.corpus)")
+            return config, passages("mixed", "calibration")
+        logger.warning("weight-only gptq needs calibration data and the model has no tokenizer: using rtn")
+        return dataclasses.replace(config, algorithm=WeightOnlyAlgorithm.RTN), None
 
     def _weight_only_feeds(
         self, config: WeightOnlyConfig, calibration_data: Any, calibration_config: CalibrationConfig | None

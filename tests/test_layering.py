@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ortq"
 LAYERS = [
     ["ortq.errors"],
     ["ortq.config", "ortq.io", "ortq.tasks", "ortq.progress", "ortq.hostinfo"],
-    ["ortq.runtime", "ortq.data", "ortq.images"],
+    ["ortq.runtime", "ortq.data", "ortq.images", "ortq.corpus"],
     ["ortq.passes", "ortq.calibrators", "ortq.validate", "ortq.export", "ortq.recipes", "ortq.generate",
      "ortq.generate_seq2seq"],
     ["ortq.fallback", "ortq.fallback_sim"],

@@ -213,8 +213,9 @@ def test_gptq_through_the_pass_uses_calibration_data():
 def test_errors():
     rng = np.random.default_rng(10)
     proto, _ = _mlp_model(rng)
-    with pytest.raises(CalibrationDataError):
-        quantize_weight_only(ir.from_proto(proto), WeightOnlyConfig(algorithm="gptq"))
+    _, report = quantize_weight_only(ir.from_proto(proto), WeightOnlyConfig(algorithm="gptq"))
+    assert report["notes"] == ["gptq without calibration statistics: rtn used"]  # the default, without data
+    assert {e["algorithm"] for e in report["nodes"]} == {"rtn"}
     with pytest.raises(ConfigError):
         WeightOnlyConfig(algorithm="awq")
     with pytest.raises(CalibrationDataError):

@@ -371,3 +371,113 @@ def on_grid(
         z = rng.integers(1, qmax, (rows, nb, 1))
     s = (2.0 ** rng.integers(-8, -3, (rows, nb, 1))).astype(np.float32)
     return ((q - z) * s).reshape(rows, -1)[:, :k].astype(np.float32)
+
+
+@dataclass
+class SourceGrid:
+    """A weight found to lie exactly on a block grid already (a GGUF Q4_0 / Q4_1 / Q8_0 source, or a model
+    quantized and dequantized before): ``w = (q - zero_point) * scale + offset`` per block.
+
+    Attributes:
+        blocks: codes, scales and integer zero points (``offset`` aside, a :class:`BlockQuantized`).
+        offsets: float32 ``[rows, n_blocks]`` added to every weight of a block (a Q4_1 minimum that is not a
+            whole number of steps), or None when every offset is 0.
+    """
+
+    blocks: BlockQuantized
+    offsets: np.ndarray | None
+
+    def dequantize(self) -> np.ndarray:
+        w = self.blocks.dequantize()
+        if self.offsets is not None:
+            off = np.repeat(self.offsets, self.blocks.block_size, axis=1)[:, : self.blocks.k]
+            w = w + off
+        return w
+
+
+def _grid_steps(x: np.ndarray, lo: np.ndarray, span: np.ndarray, qmax: int) -> np.ndarray:
+    """Per block of ``x [B, bs]`` a step putting every value exactly on ``lo + q * step`` (``q <= qmax``),
+    or NaN where there is none."""
+    step = np.full(lo.shape, np.nan, np.float32)
+    step[span == 0] = 0.0
+    todo = np.flatnonzero(span != 0)
+    for j in [qmax, *range(1, qmax)]:
+        if not len(todo):
+            break
+        xb, lb, sb = x[todo], lo[todo, None], span[todo] / np.float32(j)
+        ok = np.zeros(len(todo), bool)
+        for s in (sb.astype(np.float16).astype(np.float32), sb):
+            s = s[:, None]
+            q = np.rint((xb - lb) / np.where(s > 0, s, 1))
+            ok_s = ~ok & (s[:, 0] > 0) & (q <= qmax).all(-1) & ((q * s + lb) == xb).all(-1)
+            step[todo[ok_s]] = s[ok_s, 0]
+            ok |= ok_s
+        todo = todo[~ok]
+    return step
+
+
+def _symmetric_steps(x: np.ndarray, bits: int) -> np.ndarray:
+    """Per block a step ``s`` with every value exactly ``q * s``, ``|q| <= 2**(bits-1)`` (GGUF Q4_0 / Q8_0), or
+    NaN."""
+    half = 1 << (bits - 1)
+    absmax = np.abs(x).max(-1)
+    step = np.full(absmax.shape, np.nan, np.float32)
+    step[absmax == 0] = 0.0
+    for level in (half - 1, half):
+        for s in ((absmax / level).astype(np.float16).astype(np.float32), (absmax / level).astype(np.float32)):
+            free = np.isnan(step) & (s > 0)
+            sc = np.where(s > 0, s, 1)[:, None]
+            q = np.rint(x / sc)
+            ok = free & (np.abs(q) <= half).all(-1) & ((q * sc) == x).all(-1)
+            step[ok] = s[ok]
+    return step
+
+
+def find_source_grid(w: np.ndarray, bits: int = 4, block_size: int = 32) -> SourceGrid | None:
+    """The block grid ``w [rows, k]`` already lies on, if it does exactly (every value reproduced bit for
+    bit), else None.
+
+    Two shapes of grid are recognised per block: symmetric ``q * step`` (GGUF Q4_0 / Q8_0: the codes get the
+    kernels' zero point ``2**(bits-1)``) and ``min + q * step`` (GGUF Q4_1). The step is taken from the
+    block's range, and also tried rounded to float16 (GGUF stores scales and minima in float16). For a
+    ``min + q * step`` block the integer zero point is the one bringing the minimum closest to 0; what remains
+    (``min + zero_point * step``) is the block's offset. A first slice of rows is checked before the rest,
+    so a float weight is rejected quickly.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows, k = w.shape
+    if k % block_size or not np.isfinite(w).all():
+        return None
+    qmax, half = (1 << bits) - 1, 1 << (bits - 1)
+    nb = k // block_size
+    x = w.reshape(rows * nb, block_size)
+    probe = slice(0, min(len(x), 256))
+    sym_probe = _symmetric_steps(x[probe], bits)
+    if not np.isnan(sym_probe).any():
+        step = _symmetric_steps(x, bits)
+        if not np.isnan(step).any():
+            q = np.rint(x / np.where(step > 0, step, 1)[:, None]) + half
+            blocks = BlockQuantized(q=np.clip(q, 0, qmax).astype(np.uint8).reshape(rows, k),
+                                    scales=step.reshape(rows, nb), zero_points=None, bits=bits,
+                                    block_size=block_size, k=k)
+            return _checked(SourceGrid(blocks, None), w)
+    lo = x.min(axis=-1)
+    span = x.max(axis=-1) - lo
+    if np.isnan(_grid_steps(x[probe], lo[probe], span[probe], qmax)).any():
+        return None
+    step = _grid_steps(x, lo, span, qmax)
+    if np.isnan(step).any():
+        return None
+    s_safe = np.where(step > 0, step, 1.0)
+    q = np.rint((x - lo[:, None]) / s_safe[:, None])
+    # value = q*step + lo = ((q + z) - z)*step + lo: codes q + z, zero point z, offset lo + z*step.
+    z = np.where(step > 0, np.clip(np.rint(-lo / s_safe), 0, qmax - q.max(-1)), 0)
+    offsets = (lo + z * step).astype(np.float32)
+    blocks = BlockQuantized(q=(q + z[:, None]).astype(np.uint8).reshape(rows, k), scales=step.reshape(rows, nb),
+                            zero_points=z.astype(np.uint8).reshape(rows, nb), bits=bits, block_size=block_size, k=k)
+    return _checked(SourceGrid(blocks, offsets.reshape(rows, nb) if np.any(offsets != 0) else None), w)
+
+
+def _checked(grid: SourceGrid, w: np.ndarray) -> SourceGrid | None:
+    """``grid`` if it gives back exactly ``w`` (kernels compute ``(q - z) * s``, then the offset), else None."""
+    return grid if np.array_equal(grid.dequantize(), w) else None

@@ -13,6 +13,14 @@ calibration data the search weighs each input channel by its mean square activat
 calibration data). Layers matched by ``int8_nodes``, and with ``auto_int8_sensitive`` the output projection
 (``lm_head``: a MatMul whose result is a graph output, or whose weight is a tied embedding table), use 8 bits.
 A tied embedding / ``lm_head`` pair is stored once: the Gather reads the ``MatMulNBits`` codes.
+
+Weights that already lie exactly on a block grid (``keep_source_grid``: a GGUF Q4_0 / Q4_1 / Q8_0 source
+loaded by dequantizing it, or a model quantized before) keep that grid instead of being rounded a second
+time: a 4-bit grid is kept even where the layer asked for 8 bits. ``MatMulNBits`` has integer zero points
+(float ones run a slow dequantizing path on CPU), so a Q4_1 block minimum that is not a whole number of steps
+is carried as a per-block offset ``C [n_blocks, N]``: ``Y = MatMulNBits(A) + (A @ E) @ C`` with ``E [K,
+n_blocks]`` the 0/1 block-membership matrix (``A @ E`` is computed once per activation). The report says
+per node ``"grid": "carried"`` or ``"requantized"``.
 """
 
 from __future__ import annotations
@@ -28,8 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from ortq.errors import CalibrationDataError
-from ortq.passes._int4 import BlockQuantized, quantize_gptq, quantize_rtn
+from ortq.passes._int4 import BlockQuantized, SourceGrid, find_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
 from ortq.passes.gather_quant import (
     MS_DOMAIN,
@@ -38,7 +45,7 @@ from ortq.passes.gather_quant import (
     share_gather,
     swap_output,
 )
-from ortq.passes.initializers import block_initializers, drop_unused_initializers
+from ortq.passes.initializers import add_initializer, block_initializers, drop_unused_initializers
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -257,8 +264,12 @@ def quantize_weight_only(
     t0 = time.perf_counter()
     graph = model.graph
     algorithm = WeightOnlyAlgorithm(config.algorithm)
+    notes = []
     if algorithm == WeightOnlyAlgorithm.GPTQ and hessians is None:
-        raise CalibrationDataError("algorithm gptq needs calibration data (--calibration-data PATH)")
+        # GPTQ is the default: without statistics (no calibration data) every layer is rounded with rtn.
+        notes.append("gptq without calibration statistics: rtn used")
+        logger.warning("weight-only: %s", notes[-1])
+        algorithm = WeightOnlyAlgorithm.RTN
 
     skipped: dict[str, str] = {}
     sites, gathers = _find_sites(graph, config, skipped)
@@ -289,6 +300,7 @@ def quantize_weight_only(
     mean_squares = mean_squares or {}
     hessians = hessians or {}
     _ensure_opset(model)
+    block_sums: dict[tuple[str, int], ir.Value] = {}
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
     made: dict[tuple, tuple] = {}  # (weight, bits, block, symmetric) -> its initializers: shared weights once
@@ -298,8 +310,8 @@ def quantize_weight_only(
         bs, sym = _layer_format(config, site.bits, k)
         key = (id(site.weight), site.bits, bs, sym)
         if key in made and not site.tied_gather:
-            bq, values, entry0 = made[key]
-            _replace_matmul(graph, site, bq, config, values=values)
+            bq, values, entry0, grid0 = made[key]
+            _replace_matmul(graph, site, bq, config, values=values, grid=grid0, block_sums=block_sums)
             entry0.setdefault("shared_with", []).append(site.name)
             continue
         w_t = np.ascontiguousarray(site.w.T)
@@ -307,7 +319,13 @@ def quantize_weight_only(
         xtx = hessians.get(act)
         importance = mean_squares.get(act) if not site.tied_gather else None
         use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
-        if use_gptq and site.bits == 4:
+        grid = _source_grid(w_t, site.bits, config.block_size) if config.keep_source_grid else None
+        if grid is not None and grid.offsets is not None and site.tied_gather:
+            grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
+        if grid is not None:
+            bq = grid.blocks
+            bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
+        elif use_gptq and site.bits == 4:
             bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
             algo = "gptq"
         else:
@@ -316,21 +334,26 @@ def quantize_weight_only(
         entry: dict[str, Any] = {
             "node": site.name,
             "op": "MatMulNBits",
-            "bits": site.bits,
+            "bits": bq.bits,
             "block_size": bs,
             "symmetric": sym,
             "shape": [k, n],
             "algorithm": algo,
-            **_rel_errors(w_t, bq, xtx),
+            "grid": "carried" if grid is not None else "requantized",
+            **(_rel_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
         }
+        if grid is not None and grid.offsets is not None:
+            entry["block_offsets"] = True
         if site.why_bits:
             entry["bits_reason"] = site.why_bits
         before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
         for g in site.tied_gather:
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
         after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
-        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config)
-        made[key] = (bq, (b_val, s_val, z_val), entry)
+        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums)
+        made[key] = (bq, (b_val, s_val, z_val), entry, grid)
+        if grid is not None and grid.offsets is not None:
+            after += grid.offsets.nbytes
         for g in site.tied_gather:
             old_table = g.inputs[0]
             if id(old_table) in made_gathers:
@@ -386,14 +409,18 @@ def quantize_weight_only(
             }
         )
 
+    carried = [e["node"] for e in nodes_report if e.get("grid") == "carried"]
     report = {
         "config": config.to_dict(),
         "nodes": nodes_report,
+        "source_grid": {"carried": carried,
+                        "requantized": [e["node"] for e in nodes_report if e.get("grid") != "carried"]},
         "float_nodes": skipped,
         "num_quantized": len(nodes_report),
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "calibration": calibration,
+        "notes": notes,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     logger.info(
@@ -406,10 +433,44 @@ def quantize_weight_only(
     return model, report
 
 
+def _source_grid(w_t: np.ndarray, bits: int, block_size: int) -> SourceGrid | None:
+    """The exact grid ``w_t`` lies on: 4 bits first (also for an 8-bit layer), then ``bits``."""
+    for b in dict.fromkeys((4, bits)):
+        grid = find_source_grid(w_t, b, block_size)
+        if grid is not None:
+            return grid
+    return None
+
+
+def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: SourceGrid,
+                 block_sums: dict[tuple[str, int], ir.Value]) -> ir.Node:
+    """``node``'s output plus ``(A @ E) @ C`` (see the module docstring); returns the final ``Add``."""
+    a = site.node.inputs[0]
+    k, n = site.w.shape
+    bs = grid.blocks.block_size
+    key = (a.name, bs)
+    nodes = []
+    if key not in block_sums:
+        e_name = f"ortq_block_sum_K{k}_B{bs}"
+        e_val = graph.initializers.get(e_name)
+        if e_val is None:
+            e = np.kron(np.eye(k // bs, dtype=np.float32), np.ones((bs, 1), np.float32))
+            e_val = add_initializer(graph, e_name, e)
+        sum_node = ir.node("MatMul", [a, e_val], name=f"{site.name}_block_sums")
+        nodes.append(sum_node)
+        block_sums[key] = sum_node.outputs[0]
+    c_val = add_initializer(graph, f"{site.weight.name or site.name}_block_offsets",
+                            np.ascontiguousarray(grid.offsets.T, np.float32))
+    corr = ir.node("MatMul", [block_sums[key], c_val], name=f"{site.name}_offsets")
+    add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{site.name}_plus_offsets")
+    graph.insert_after(node, [*nodes, corr, add])
+    return add
+
+
 def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
-                    values: tuple | None = None):
+                    values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None):
     """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
-    site replaced before)."""
+    site replaced before); a carried source grid with offsets adds them after the op."""
     node = site.node
     k, n = site.w.shape
     base = site.weight.name or site.name
@@ -435,13 +496,14 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
         attrs["accuracy_level"] = config.accuracy_level
     new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=site.name + "_Q" + str(bq.bits))
     old_weight = site.weight
+    anchor = site.bias_add if site.bias_add is not None else node
+    graph.insert_before(anchor, new)
+    last = new
+    if grid is not None and grid.offsets is not None:
+        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {})
+    swap_output(graph, anchor, last)
     if site.bias_add is not None:
-        graph.insert_before(site.bias_add, new)
-        swap_output(graph, site.bias_add, new)
         graph.remove(node, safe=True)
-    else:
-        graph.insert_before(node, new)
-        swap_output(graph, node, new)
     drop_unused_initializers(graph, [old_weight])
     return b_val, s_val, z_val
 
