@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 
 from ortq.errors import ConfigError, ValidationFailed
-from ortq.tasks import task_from_outputs
 from ortq.validate import Thresholds, normalize_provider, validate
 from tests.validate_models import BATCH, make_lm_models, make_mlp_models, mlp, qdq
 
@@ -28,20 +27,6 @@ def mlp_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_models(tmp_path_factory):
     return make_lm_models(tmp_path_factory.mktemp("lm"))
-
-
-def test_task_from_outputs_names_the_validation_task():
-    assert task_from_outputs(["last_hidden_state"], [(2, 5, 8)], ["input_ids", "attention_mask"]) == (
-        "feature-extraction",
-        "last_hidden_state",
-    )
-    assert task_from_outputs(["logits"], [(2, 3)], ["input_ids"]) == ("text-classification", "logits")
-    assert task_from_outputs(["logits"], [(2, 5, 100)], ["input_ids", "attention_mask"]) == ("causal-lm", "logits")
-    assert task_from_outputs(["sentence_embedding"], [(2, 8)], ["input_ids"]) == (
-        "feature-extraction",
-        "sentence_embedding",
-    )
-    assert task_from_outputs(["y"], [(2, 16)], ["x"]) == (None, None)
 
 
 def test_normalize_provider():

@@ -11,6 +11,7 @@ section of ``quantization_report.json`` the report goes to.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,9 +33,9 @@ class ReportingPass(InPlacePass):
         modified = self.rewrite(model)
         return PassResult(model, modified=bool(modified))
 
+    @abc.abstractmethod
     def rewrite(self, model: ir.Model) -> bool:
         """Edit ``model`` in place, fill ``self.report``; return whether anything changed."""
-        raise NotImplementedError
 
 
 def run_passes(model: ir.Model, passes: Sequence[ReportingPass]) -> dict[str, dict[str, Any]]:
