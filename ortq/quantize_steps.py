@@ -261,6 +261,14 @@ class QuantizeSteps:
             passes.append(CpuKernelsPass())
         reports = run_passes(model, passes)
         report = {"method": "weight_only", **reports["weight_only"]}
+        if not report.get("num_quantized"):
+            skipped = report.get("float_nodes") or {}
+            example = next(iter(skipped.items()), None)
+            why = f" (e.g. {example[0]}: {example[1]})" if example else ""
+            raise ModelError(
+                f"{self.model_path}: nothing was quantized: weight-only {config.bits}-bit applies to MatMul/Gemm "
+                f"nodes with a constant 2-D weight and to embedding Gathers, and none qualified{why}"
+            )
         if "cpu_kernels" in reports:
             report["cpu_kernels"] = reports["cpu_kernels"]
         return Quantized(model, report)

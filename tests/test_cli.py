@@ -107,3 +107,16 @@ def test_validate_against_a_different_model_fails(tiny_bert_dir, tiny_bert_class
                  "--latency-runs", "0", "--task", "none"])
     assert code != 0
     assert "error:" in capsys.readouterr().err
+
+
+def test_weight_only_that_quantizes_nothing_fails_without_output(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from ortq.export import export
+
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    export(convnet, tmp_path / "fp32", example_inputs=torch.randn(1, 3, 16, 16))
+    capsys.readouterr()
+    code = main(["quantize", str(tmp_path / "fp32"), "-o", str(tmp_path / "int4"), "--weight-only", "int4"])
+    assert code != 0 and not (tmp_path / "int4").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was quantized: weight-only 4-bit" in err[0]
