@@ -32,6 +32,7 @@ import onnxruntime as ort
 from ortq.config import CalibrationConfig, QuantizationConfig
 from ortq.export import export
 from ortq.quantizer import ORTQuantizer
+from ortq.runtime import SessionSettings, create_session
 from ortq.validate.placement import inspect_placement
 
 THREADS = 2
@@ -105,11 +106,8 @@ def build(name: str):
 
 
 def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU session with the benchmark's threads and no spinning pools (see :mod:`ortq.runtime`)."""
+    return create_session(path, settings=SessionSettings(threads=THREADS))
 
 
 def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> Path:

@@ -32,6 +32,7 @@ from ortq.data import real_text
 from ortq.hostinfo import host_info
 from ortq.passes.matmul_nbits import MatMulNBitsPass
 from ortq.quantize_steps import weight_only_statistics
+from ortq.runtime import SessionSettings, create_session
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,12 +44,8 @@ Q41_NOTE = (
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    # Sessions alternate on the same cores: an idle pool must not spin while the other model runs.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU session with the benchmark's threads and no spinning pools (see :mod:`ortq.runtime`)."""
+    return create_session(path, settings=SessionSettings(threads=THREADS))
 
 
 def _files_mb(folder: Path) -> float:

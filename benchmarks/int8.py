@@ -30,6 +30,7 @@ from ortq import AutoCalibrationConfig, AutoQuantizationConfig
 from ortq.data import load_batches, real_text
 from ortq.hostinfo import cpu_features
 from ortq.quantizer import ORTQuantizer
+from ortq.runtime import SessionSettings, create_session
 from ortq.validate.metrics import topk_neighbour_agreement
 
 THREADS = 2
@@ -44,12 +45,8 @@ def minilm_folder() -> Path:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    # Sessions alternate on the same cores: an idle pool must not spin while the other model runs.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU session with the benchmark's threads and no spinning pools (see :mod:`ortq.runtime`)."""
+    return create_session(path, settings=SessionSettings(threads=THREADS))
 
 
 def embeddings(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
