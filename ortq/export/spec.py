@@ -59,17 +59,25 @@ def _keyword_wrapper(model: Any, input_names: Sequence[str], output_name: str, e
     return KeywordWrapper().eval()
 
 
-def transformers_spec(
-    model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
-) -> ExportSpec:
+def task_io(model, task: str, input_names, output_names, *, required: str) -> tuple[list[str], str, list[str]]:
+    """The graph inputs of ``task`` that ``model.forward`` takes (``required`` among them), the task's output
+    and the output names: ``(inputs, output, outputs)``."""
     params = inspect.signature(model.forward).parameters
     names = [n for n in (input_names or TASK_SPECS[task].inputs) if n in params]
-    if "input_ids" not in names:
-        raise ExportError(f"{type(model).__name__} does not take input_ids; pass a torch module instead")
+    if required not in names:
+        hint = "; pass a torch module instead" if required == "input_ids" else ""
+        raise ExportError(f"{type(model).__name__} does not take {required}{hint}")
     output_name = TASK_SPECS[task].output
     outputs = list(output_names or [output_name])
     if len(outputs) != 1:
         raise ConfigError(f"task {task} has one output ({output_name}); got output_names={outputs}")
+    return names, output_name, outputs
+
+
+def transformers_spec(
+    model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
+) -> ExportSpec:
+    names, output_name, outputs = task_io(model, task, input_names, output_names, required="input_ids")
     extra = {"use_cache": False} if TASK_SPECS[task].generative else {}
     if TASK_SPECS[task].generative:
         model.config.use_cache = False

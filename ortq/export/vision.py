@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ortq.errors import ConfigError, ExportError, require
-from ortq.export.spec import ExportSpec, _as_tuple, _keyword_wrapper
+from ortq.export.spec import ExportSpec, _as_tuple, _keyword_wrapper, task_io
 from ortq.tasks import TASK_SPECS
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,7 @@ def _images(config: Any, batch: int, seed: int):
 def vision_spec(model, task, example_inputs, input_names, output_names, dynamic_axes) -> ExportSpec:
     """What to trace for ``image-feature-extraction`` / ``image-classification``: ``pixel_values`` -> output."""
     torch = require("torch", "export")
-    names = [n for n in (input_names or TASK_SPECS[task].inputs) if n in _takes(model)]
-    if "pixel_values" not in names:
-        raise ExportError(f"{type(model).__name__} does not take pixel_values")
-    output_name = TASK_SPECS[task].output
-    outputs = list(output_names or [output_name])
-    if len(outputs) != 1:
-        raise ConfigError(f"task {task} has one output ({output_name}); got output_names={outputs}")
+    names, output_name, outputs = task_io(model, task, input_names, output_names, required="pixel_values")
     module = _keyword_wrapper(model, names, output_name, {})
     if example_inputs is not None:
         example = _as_tuple(example_inputs, names)
