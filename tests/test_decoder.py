@@ -228,3 +228,35 @@ def test_quantized_decoder_with_past_generates(tiny_llama_dir, tmp_path, argv):
     a, b = logits
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
     assert len(quant.generate(PROMPT, max_new_tokens=8).token_ids) >= 1
+
+
+def test_rotary_and_packed_qkv_go_inside_the_fused_op(tmp_path):
+    """head_dim 16 (ONNX Runtime rotates inside GroupQueryAttention from there): one packed QKV MatMul and the
+    op's own rotary per layer, no run-time shape arithmetic, and still transformers' tokens and logits."""
+    from conftest import _save_source, _tokenizer
+
+    tok = _tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, rope_theta=10000.0,
+    )
+    torch.manual_seed(3)
+    src = _save_source(transformers.LlamaForCausalLM(config).eval(), tok, tmp_path / "src")
+    result = export(src, tmp_path / "onnx")
+    assert result.attention == "GroupQueryAttention" and result.max_rel_diff < 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    for op in ("Sin", "Cos", "Neg", "Slice", "Reshape", "Transpose", "Concat"):
+        assert op not in ops, op
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and ops.count("MatMul") == 2 * 5 + 1  # qkv, o, gate, up, down per layer; lm_head
+    for node in gqa:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 1
+        assert node.input[1] == node.input[2] == "" and node.input[9] == "position_ids"
+    consts = {i.name: list(i.dims) for i in graph.initializer}
+    consts.update({n.output[0]: list(n.attribute[0].t.dims) for n in graph.node if n.op_type == "Constant"})
+    assert consts[gqa[0].input[7]] == consts[gqa[0].input[8]] == [256, 8]
+    out = Generator(tmp_path / "onnx").generate(PROMPT, max_new_tokens=12)
+    assert out.token_ids == _hf_greedy(src, PROMPT, len(out.token_ids))

@@ -31,6 +31,7 @@ from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
 from ortq.export.seq2seq import ENCODER_FILE, seq2seq_specs, write_graphs
+from ortq.export.simplify import simplify_decoder
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
 from ortq.export.vision import save_preprocessor, vision_spec, vision_task
@@ -246,6 +247,7 @@ def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, ma
     if unused:
         logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
     drop_weight_identities(proto)
+    proto = simplify_decoder(proto)
     # Vision models have no input embedding table to tie (some raise on get_input_embeddings).
     vision = spec.task is not None and TASK_SPECS[spec.task].vision
     tied = tag_tied_weights(proto, hf_model) if hf_model is not None and not vision else {}

@@ -65,10 +65,11 @@ def present_names(num_layers: int) -> list[str]:
     return [n.format(layer=i) for i in range(num_layers) for n in (PRESENT_KEY, PRESENT_VALUE)]
 
 
-def _wrapper(model: Any, num_layers: int, fused: bool):
+def _wrapper(model: Any, num_layers: int, fused: bool, rotary: attention.RotaryPlan | None = None):
     """A module taking ``(input_ids, attention_mask, position_ids, *past)`` positionally and returning
     ``(logits, *present)``: the cache travels as plain tensors in and out. ``fused``: every self-attention
-    becomes one ``GroupQueryAttention`` (see :mod:`ortq.export.attention`)."""
+    becomes one ``GroupQueryAttention`` (see :mod:`ortq.export.attention`), rotating query and key itself where
+    ``rotary`` is given."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
 
@@ -90,8 +91,9 @@ def _wrapper(model: Any, num_layers: int, fused: bool):
                 present = [t for layer in cache_of(out).layers for t in (layer.keys, layer.values)]
                 return (out.logits, *present)
             with (
-                attention.fused_step(pairs, attention_mask) as step,
+                attention.fused_step(pairs, attention_mask, position_ids, rotary) as step,
                 attention.attention_implementation(self.model, attention.IMPLEMENTATION),
+                attention.rotary_inside(rotary),
             ):
                 cache = attention.new_only_cache(pairs, self.model.config)
                 out = self.model(**inputs, use_cache=True, **{keyword: cache})
@@ -111,7 +113,13 @@ def decoder_spec(model: Any, tokenizer: Any, max_length: int, *, fused_attention
     torch = require("torch", "export")
     model.config.use_cache = True
     layers, heads, head_dim = cache_layout(model)
-    module = _wrapper(model, layers, fused_attention)
+    rotary = None
+    if fused_attention:
+        positions = int(getattr(model.config, "max_position_embeddings", 0) or max_length)
+        rotary, why = attention.rotary_plan(model, positions, head_dim)
+        if rotary is None:
+            logger.info("rotary embedding kept in standard ops: %s", why)
+    module = _wrapper(model, layers, fused_attention, rotary)
     past, present = past_names(layers), present_names(layers)
 
     def empty(batch: int) -> list[Any]:

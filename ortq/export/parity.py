@@ -60,6 +60,9 @@ def compare_with_torch(spec: ExportSpec, model_path: Path):
             diff = np.abs(g.astype(np.float64) - r)
             if mask is not None and r.ndim >= 2 and r.shape[:2] == mask.shape:
                 diff, r = diff[mask], r[mask]  # padded positions are don't-care
+            elif mask is not None and r.ndim == 4 and (r.shape[0], r.shape[2]) == mask.shape:
+                # a KV cache [batch, heads, sequence, head_dim] of a padded prefill
+                diff, r = diff.transpose(0, 2, 1, 3)[mask], r.transpose(0, 2, 1, 3)[mask]
             if not np.isfinite(diff).all():
                 raise ExportError(f"ONNX output holds NaN/inf where torch does not, on {_shapes(inputs)}")
             max_abs = max(max_abs, float(diff.max(initial=0.0)))
