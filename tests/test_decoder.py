@@ -260,3 +260,8 @@ def test_rotary_and_packed_qkv_go_inside_the_fused_op(tmp_path):
     assert consts[gqa[0].input[7]] == consts[gqa[0].input[8]] == [256, 8]
     out = Generator(tmp_path / "onnx").generate(PROMPT, max_new_tokens=12)
     assert out.token_ids == _hf_greedy(src, PROMPT, len(out.token_ids))
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return
+    assert Generator(tmp_path / "onnx", engine="genai").generate(PROMPT, max_new_tokens=12).token_ids == out.token_ids
