@@ -12,6 +12,10 @@ one-token decode step these small nodes cost as much as the weights' MatMuls. Tw
   onnxruntime-genai's builder writes it). Weight blocks run along the input dimension, so the packed weight
   quantizes exactly like its three parts.
 
+* :func:`fuse_skip_rms_norms`: a residual ``Add`` feeding an RMS norm (``x / sqrt(mean(x^2) + eps) * gamma``, as
+  traced from PyTorch) becomes one ``com.microsoft.SkipSimplifiedLayerNormalization`` that also returns the sum
+  for the next residual.
+
 The parity check of the export runs after these rewrites.
 """
 
@@ -31,22 +35,27 @@ _SMALL = 4096  # initializers up to this many elements are kept for shape infere
 
 
 def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Both rewrites on a decoder with ``GroupQueryAttention``; other graphs are returned unchanged."""
+    """The rewrites on a decoder with ``GroupQueryAttention``; other graphs are returned unchanged."""
     if not any(n.op_type == GQA for n in proto.graph.node):
         return proto
     dims = _symbolic_dims(proto)
     model = ir.serde.deserialize_model(proto)
+    for node in model.graph:  # the inferred element types, for the float -> float Casts the norms hold
+        for v in node.outputs:
+            if v.dtype is None and f"dtype:{v.name}" in (dims or {}):
+                v.dtype = ir.DataType(dims[f"dtype:{v.name}"][0])
     reshapes = drop_identity_reshapes(model, dims) if dims else 0
     packed = pack_qkv(model)
+    norms = fuse_skip_rms_norms(model, dims) if dims else 0
     common_passes.RemoveUnusedNodesPass()(model)
-    logger.info("decoder clean-up: %d identity reshape(s) removed, %d attention(s) read a packed QKV MatMul",
-                reshapes, packed)
+    logger.info("decoder clean-up: %d identity reshape(s) removed, %d attention(s) read a packed QKV MatMul, "
+                "%d residual RMS norm(s) fused", reshapes, packed, norms)
     return ir.serde.serialize_model(model)
 
 
 def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, tuple] | None:
-    """Every value's shape as a tuple of ints and symbols (None where unknown), by name; None if the inference
-    fails. Large weights are left out of the copy the inference reads: only their shapes matter."""
+    """Every value's shape as a tuple of ints and symbols (None where unknown), by name (and its element type
+    under ``dtype:{name}``); None if the inference fails. Large weights are left out of the copy the inference reads: only their shapes matter."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
@@ -60,6 +69,8 @@ def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, tuple] | None:
     dims: dict[str, tuple] = {}
     for v in (*graph.value_info, *graph.input, *graph.output):
         t = v.type.tensor_type
+        if t.elem_type:
+            dims[f"dtype:{v.name}"] = (t.elem_type,)
         if t.HasField("shape"):
             dims[v.name] = tuple(
                 d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
@@ -176,3 +187,97 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.dtype = ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
     return value
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].value.numpy()
+    return None
+
+
+def _uncast(value: ir.Value) -> ir.Value:
+    """``value`` before any float -> float ``Cast`` (an identity the tracer leaves around an RMS norm)."""
+    while (node := value.producer()) is not None and node.op_type == "Cast" and node.inputs[0] is not None \
+            and node.inputs[0].dtype == ir.DataType.FLOAT and node.attributes.get_int("to") == 1:
+        value = node.inputs[0]
+    return value
+
+
+def _op(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _rms_norm(scale: ir.Node) -> tuple[ir.Value, ir.Value, float] | None:
+    """(x, gamma, epsilon) when ``scale`` is the ``Mul`` by gamma ending ``x / sqrt(mean(x^2) + eps) * gamma``."""
+    if scale.op_type != "Mul" or scale.domain not in ("", "ai.onnx") or len(scale.inputs) != 2:
+        return None
+    gamma = next((v for v in scale.inputs if v is not None and v.const_value is not None), None)
+    if gamma is None or len(gamma.const_value.shape) != 1:
+        return None
+    other = scale.inputs[1] if scale.inputs[0] is gamma else scale.inputs[0]
+    normed = _op(_uncast(other), "Mul")
+    if normed is None:
+        return None
+    for x, inv in (normed.inputs, reversed(normed.inputs)):
+        div = _op(inv, "Div")
+        one = _constant(div.inputs[0]) if div is not None else None
+        sqrt = _op(div.inputs[1], "Sqrt") if div is not None else None
+        add = _op(sqrt.inputs[0], "Add") if sqrt is not None else None
+        if one is None or one.size != 1 or float(one.reshape(-1)[0]) != 1.0 or add is None:
+            continue
+        mean = next((_op(v, "ReduceMean") for v in add.inputs if _op(v, "ReduceMean") is not None), None)
+        eps = next((_constant(v) for v in add.inputs if _constant(v) is not None), None)
+        if mean is None or eps is None or eps.size != 1:
+            continue
+        axes = mean.attributes.get_ints("axes") or (
+            list(_constant(mean.inputs[1]).reshape(-1)) if len(mean.inputs) > 1 and mean.inputs[1] is not None
+            and _constant(mean.inputs[1]) is not None else None
+        )
+        pow_ = _op(mean.inputs[0], "Pow")
+        exponent = _constant(pow_.inputs[1]) if pow_ is not None else None
+        if axes is None or list(axes) != [-1] or mean.attributes.get_int("keepdims", 1) != 1 or exponent is None \
+                or float(exponent.reshape(-1)[0]) != 2.0:
+            continue
+        source = _uncast(x)
+        if _uncast(pow_.inputs[0]) is source:
+            return source, gamma, float(eps.reshape(-1)[0])
+    return None
+
+
+def fuse_skip_rms_norms(model: ir.Model, dims: dict[str, tuple]) -> int:
+    """Each RMS norm of a residual sum ``Add(a, b)`` as one ``SkipSimplifiedLayerNormalization(a, b, gamma)``
+    whose fourth output (the sum) replaces the ``Add`` for its other readers."""
+    graph, fused = model.graph, 0
+    for node in list(graph):
+        found = _rms_norm(node)
+        if found is None:
+            continue
+        x, gamma, eps = found
+        add = _op(x, "Add")
+        if add is None or x.is_graph_output() or any(v is None or v.const_value is not None or _constant(v) is not None
+                                                     for v in add.inputs):
+            continue
+        a, b = add.inputs
+        shape = dims.get(a.name)
+        if not _known(shape) or len(shape) != 3 or dims.get(b.name) != shape:
+            continue
+        skip = ir.node("SkipSimplifiedLayerNormalization", [a, b, gamma], attributes={"epsilon": eps},
+                       domain="com.microsoft", num_outputs=4, name=f"{node.name}/SkipSimplifiedLayerNorm")
+        out, mean, inv_std, total = skip.outputs
+        for value, suffix in ((out, "output"), (mean, "mean"), (inv_std, "inv_std_var"), (total, "sum")):
+            value.name = f"{skip.name}_{suffix}"
+        out.dtype = total.dtype = ir.DataType.FLOAT
+        dims[total.name] = dims[out.name] = shape  # later norms read the sum
+        graph.insert_after(add, skip)
+        node.outputs[0].replace_all_uses_with(out)
+        for reader in [x] + [c.outputs[0] for c, _ in x.uses() if c.op_type == "Cast" and _uncast(c.outputs[0]) is x]:
+            reader.replace_all_uses_with(total)
+        fused += 1
+    return fused
