@@ -250,7 +250,8 @@ def test_rotary_and_packed_qkv_go_inside_the_fused_op(tmp_path):
     for op in ("Sin", "Cos", "Neg", "Slice", "Reshape", "Transpose", "Concat"):
         assert op not in ops, op
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == 2 and ops.count("MatMul") == 2 * 5 + 1  # qkv, o, gate, up, down per layer; lm_head
+    assert len(gqa) == 2 and ops.count("MatMul") == 2 * 4 + 1  # qkv, o, gate+up, down per layer; lm_head
+    assert ops.count("Split") == 2
     assert ops.count("SkipSimplifiedLayerNormalization") == 4  # every RMS norm after a residual sum
     for node in gqa:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -12,6 +12,8 @@ one-token decode step these small nodes cost as much as the weights' MatMuls. Tw
   onnxruntime-genai's builder writes it). Weight blocks run along the input dimension, so the packed weight
   quantizes exactly like its three parts.
 
+* :func:`pack_siblings`: other MatMuls of one input by constant weights (an MLP's gate and up projections)
+  become one MatMul of the concatenated weights and a ``Split``: one weight pass, one kernel launch.
 * :func:`fuse_skip_rms_norms`: a residual ``Add`` feeding an RMS norm (``x / sqrt(mean(x^2) + eps) * gamma``, as
   traced from PyTorch) becomes one ``com.microsoft.SkipSimplifiedLayerNormalization`` that also returns the sum
   for the next residual.
@@ -46,10 +48,12 @@ def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
                 v.dtype = ir.DataType(dims[f"dtype:{v.name}"][0])
     reshapes = drop_identity_reshapes(model, dims) if dims else 0
     packed = pack_qkv(model)
+    siblings = pack_siblings(model)
     norms = fuse_skip_rms_norms(model, dims) if dims else 0
     common_passes.RemoveUnusedNodesPass()(model)
     logger.info("decoder clean-up: %d identity reshape(s) removed, %d attention(s) read a packed QKV MatMul, "
-                "%d residual RMS norm(s) fused", reshapes, packed, norms)
+                "%d group(s) of sibling MatMuls packed, %d residual RMS norm(s) fused", reshapes, packed, siblings,
+                norms)
     return ir.serde.serialize_model(model)
 
 
@@ -177,6 +181,40 @@ def pack_qkv(model: ir.Model) -> int:
         node.replace_input_with(0, qkv)
         node.replace_input_with(1, None)
         node.replace_input_with(2, None)
+        packed += 1
+    return packed
+
+
+def pack_siblings(model: ir.Model) -> int:
+    """MatMuls reading the same input with constant 2-D weights of one dtype as one MatMul and a ``Split``."""
+    graph, groups = model.graph, {}
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        w = node.inputs[1]
+        out = node.outputs[0]
+        if w is None or w.const_value is None or len(w.const_value.shape) != 2 or out.is_graph_output() \
+                or not out.uses():  # a dead node (a projection pack_qkv replaced)
+            continue
+        groups.setdefault(id(node.inputs[0]), []).append(node)
+    packed = 0
+    for nodes in groups.values():
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+            continue
+        base = f"{nodes[0].name.rsplit('/', 2)[0]}/packed"
+        w_val = _initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
+        sizes = _initializer(graph, f"{base}.split", np.array([w.shape[1] for w in weights], np.int64))
+        matmul = ir.node("MatMul", [nodes[0].inputs[0], w_val], name=f"{base}/MatMul")
+        matmul.outputs[0].name = f"{base}/MatMul_output_0"
+        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes),
+                        name=f"{base}/Split")
+        first = min(nodes, key=lambda n: list(graph).index(n))
+        graph.insert_before(first, [matmul, split])
+        for n, out in zip(nodes, split.outputs, strict=True):
+            out.name = f"{n.name}_output_0"
+            n.outputs[0].name = f"{n.name}_replaced"
+            n.outputs[0].replace_all_uses_with(out)
         packed += 1
     return packed
 
