@@ -154,6 +154,19 @@ def model_mb(folder: Path) -> float:
                if p.suffix in (".onnx", ".data", ".onnx_data") or p.name.endswith(".onnx.data")) / 1e6
 
 
+def kernels(folder: Path) -> dict:
+    """Low-bit kernels of a graph and the accuracy_level of its MatMulNBits (None: the attribute is absent, so
+    ONNX Runtime computes in fp32 instead of the int8-activation path)."""
+    import onnx
+
+    nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    levels = sorted({next((a.i for a in n.attribute if a.name == "accuracy_level"), None) for n in nbits},
+                    key=lambda v: -1 if v is None else v)
+    return {"MatMulNBits": len(nbits), "GatherBlockQuantized": sum(n.op_type == "GatherBlockQuantized" for n in nodes),
+            "MatMul": sum(n.op_type == "MatMul" for n in nodes), "accuracy_levels": levels}
+
+
 def fidelity(work: Path, rows: dict[str, list[np.ndarray]]) -> dict[str, dict]:
     """Per model and domain: perplexity and agreement with ortq fp32, all on the same token rows."""
     ref = DecoderSession(work / MODELS[REFERENCE][0], THREADS)
@@ -229,7 +242,7 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="build every model folder again")
     ap.add_argument("--json", default=str(RESULTS / "llm.json"))
     args = ap.parse_args()
-    passages_n, max_length, new_tokens, rounds, prompt_len = (4, 128, 16, 2, 64) if args.quick else (16, 256, 64, 3, 128)
+    passages_n, max_length, new_tokens, rounds, prompt_len = (4, 128, 16, 2, 64) if args.quick else (16, 256, 64, 5, 128)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     built = build(work, args.rebuild)
@@ -260,6 +273,7 @@ def main() -> int:
         },
         "built": built,
         "sizes_mb": {name: round(model_mb(work / folder), 1) for name, (folder, _) in MODELS.items()},
+        "kernels": {name: kernels(work / folder) for name, (folder, _) in MODELS.items()},
         "fidelity": fid,
         "speed": spd,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -268,6 +282,9 @@ def main() -> int:
     print(table(doc))
     print(f"\nΔ: perplexity change vs {REFERENCE}; top-1: next-token argmax agreement with {REFERENCE}; tok/s: best "
           f"of {rounds} alternated rounds, ratio to {doc['settings']['speed_baseline']}. Peak RSS {doc['peak_rss_mb']:.0f} MB.")
+    for name, k in doc["kernels"].items():
+        if k["MatMulNBits"] and None in k["accuracy_levels"]:
+            print(f"note: {name}: MatMulNBits without accuracy_level (fp32 activations, not the int8 path)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"wrote {args.json}")
