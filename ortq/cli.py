@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-ppl-increase", type=_float, metavar="PCT",
                    help="maximum perplexity increase over fp32 on each text domain, in %% (default 25)")
     g.add_argument("--min-top1-agreement", type=_float, metavar="F",
-                   help="minimum share of next tokens equal to fp32's argmax on each domain (default 0.75)")
+                   help="minimum share of next tokens equal to fp32's argmax on each domain (default 0.65)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")

@@ -31,10 +31,11 @@ REPORT_PNG = "report.png"
 # Mean output cosine below which a "quantized" model is not an approximation of its reference at all.
 DEFAULT_COSINE_FLOOR = 0.9
 # Decoders (the report's ``generative`` entry), per text domain: the largest perplexity increase over fp32, in
-# percent, and the lowest share of next tokens whose argmax agrees with fp32's. A sound int4 recipe on a 135M
-# model stays well inside both; a broken layer or a wrong reference does not.
+# percent, and the lowest share of next tokens whose argmax agrees with fp32's. On SmolLM2-135M
+# (benchmarks/llm.py) ortq's int4 gives +1.7 % / 92 %, onnxruntime's HQQ +13 % / 76 %, plain RTN int4
+# (onnxruntime's quantizer, the genai builder) +35 % / 62 %: the last fails, a broken model far more so.
 DEFAULT_MAX_PPL_INCREASE_PCT = 25.0
-DEFAULT_MIN_TOP1_AGREEMENT = 0.75
+DEFAULT_MIN_TOP1_AGREEMENT = 0.65
 # Thresholds checked by default (a sanity floor, not a deploy gate the user chose).
 _DEFAULT_ON = ("cosine_floor", "max_ppl_increase_pct", "min_top1_agreement")
 # Op types that mark a model as quantized (QDQ pairs, integer or low-bit kernels).
