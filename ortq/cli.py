@@ -226,7 +226,7 @@ def _generative_request(args: argparse.Namespace):
         max_length=args.max_length or defaults.max_length,
         new_tokens=defaults.new_tokens if args.new_tokens is None else args.new_tokens,
     )
-    return options if given else (None if options == defaults else options)
+    return options if given else None
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
