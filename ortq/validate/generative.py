@@ -416,7 +416,7 @@ def generative_markdown(gen: dict[str, Any] | None) -> list[str]:
         div = ", ".join("none" if d is None else str(d) for d in g["first_divergence"])
         lines.append(
             f"Greedy continuations ({len(g['prompts'])} prompts, {g['new_tokens']} new tokens): "
-            f"{g['identical_continuations']} identical to fp32; first divergence per prompt at token {div}; "
+            f"{g['identical_continuations']} identical to fp32; first differing token per prompt: {div}; "
             f"{g['mean_matched_tokens']:.1f} tokens matched on average."
         )
         decode = (f"decode fp32 {r['decode']:.1f}, quantized {q['decode']:.1f} ({g['decode_speedup']:.2f}x fp32)"
