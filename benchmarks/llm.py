@@ -73,17 +73,14 @@ def _hf_folder(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
     config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tmp.rename(out)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _ort_quantizer(src: Path, out: Path, algo: str) -> None:
@@ -96,12 +93,9 @@ def _ort_quantizer(src: Path, out: Path, algo: str) -> None:
     else:
         q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=False, accuracy_level=4)
     q.process()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    q.model.save_model_to_file(str(tmp / "model.onnx"), use_external_data_format=False)
-    copy_side_files(src, tmp)
-    tmp.rename(out)
+    out.mkdir(parents=True)
+    q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=False)
+    copy_side_files(src, out)
 
 
 def build(work: Path, rebuild: bool) -> dict[str, dict]:
@@ -131,7 +125,10 @@ def build(work: Path, rebuild: bool) -> dict[str, dict]:
             continue
         print(f"building {name} ...", flush=True)
         t = time.perf_counter()
-        make(out)
+        tmp = out.with_name(out.name + ".partial")  # renamed into place when complete: a failed step is redone
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.rename(out)
         built[name] = {"seconds": round(time.perf_counter() - t, 1), "reused": False}
     shutil.rmtree(work / "builder-cache", ignore_errors=True)
     return built
