@@ -204,9 +204,36 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options that only mean something for a decoder language model: giving one asks for the generative evaluation.
+_GENERATIVE_FLAGS = {"eval_text": "--eval-text", "eval_passages": "--eval-passages", "max_length": "--max-length",
+                     "new_tokens": "--new-tokens", "max_ppl_increase": "--max-ppl-increase",
+                     "min_top1_agreement": "--min-top1-agreement"}
+
+
+def _generative_request(args: argparse.Namespace):
+    """None (automatic), False (--no-generative) or the GenerativeOptions the user asked for."""
+    from ortq.validate import GenerativeOptions
+
+    given = [flag for key, flag in _GENERATIVE_FLAGS.items() if getattr(args, key) is not None]
+    if args.no_generative:
+        if given:
+            raise ConfigError(f"--no-generative contradicts {', '.join(given)}")
+        return False
+    defaults = GenerativeOptions()
+    options = GenerativeOptions(
+        eval_text=args.eval_text,
+        num_passages=args.eval_passages or defaults.num_passages,
+        max_length=args.max_length or defaults.max_length,
+        new_tokens=defaults.new_tokens if args.new_tokens is None else args.new_tokens,
+    )
+    return options if given else None
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ortq.validate import Thresholds, validate
+    from ortq.validate.report import DEFAULT_MAX_PPL_INCREASE_PCT, DEFAULT_MIN_TOP1_AGREEMENT
 
+    generative = _generative_request(args)
     thresholds = Thresholds(
         min_cosine=args.min_cosine,
         min_sqnr_db=args.min_sqnr,
@@ -214,6 +241,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         max_abs_error=args.max_abs_error,
         min_task_agreement=args.min_task_agreement,
         max_perplexity_delta_pct=args.max_perplexity_delta,
+        max_ppl_increase_pct=DEFAULT_MAX_PPL_INCREASE_PCT if args.max_ppl_increase is None else args.max_ppl_increase,
+        min_top1_agreement=DEFAULT_MIN_TOP1_AGREEMENT if args.min_top1_agreement is None else args.min_top1_agreement,
     )
     report = validate(
         args.quantized,
@@ -227,6 +256,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         report_dir=args.report_dir,
         task=args.task,
         latency_runs=args.latency_runs,
+        generative=generative,
     )
     print(report.to_markdown())
     for warning in report.warnings:
@@ -382,6 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"task metric: {', '.join(TASKS)} or none (default: guessed from the primary output)",
     )
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model (0: skip latency)")
+    g = p.add_argument_group(
+        "decoder language models",
+        "A decoder exported with its KV cache is also judged as a language model: perplexity and next-token "
+        "agreement with fp32 on held-out passages (python-docs and, when installed, news), greedy continuations, "
+        "prefill / decode tokens/s and peak memory. Any option below asks for it (an error for other models).",
+    )
+    g.add_argument("--no-generative", action="store_true", help="skip the language-model evaluation")
+    g.add_argument("--eval-text", metavar="FILE", help="evaluate on this UTF-8 text (passages split at blank lines)")
+    g.add_argument("--eval-passages", type=_positive_int, metavar="N", help="passages per text domain (default 8)")
+    g.add_argument("--max-length", type=_positive_int, metavar="N", help="tokens per passage at most (default 256)")
+    g.add_argument("--new-tokens", type=int, metavar="N", help="tokens per greedy continuation (default 32; 0: none)")
+    g.add_argument("--max-ppl-increase", type=_float, metavar="PCT",
+                   help="maximum perplexity increase over fp32 on each text domain, in %% (default 25)")
+    g.add_argument("--min-top1-agreement", type=_float, metavar="F",
+                   help="minimum share of next tokens equal to fp32's argmax on each domain (default 0.65)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")

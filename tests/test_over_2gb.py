@@ -57,7 +57,7 @@ def big_llama(tiny_llama_src, tmp_path, over_limit):
 
 def test_export_int8_int4_validate_generate_with_external_data(big_llama, tmp_path):
     from ortq.generate import Generator
-    from ortq.validate import validate
+    from ortq.validate import GenerativeOptions, validate
 
     text = real_text("calibration", 16)
     int4 = ORTQuantizer.from_pretrained(big_llama).quantize(
@@ -72,8 +72,10 @@ def test_export_int8_int4_validate_generate_with_external_data(big_llama, tmp_pa
     for path in (int4, int8, w4a8):
         assert _external(path.parent), path
         onnx.checker.check_model(str(path))
-        report = validate(path.parent, big_llama, num_samples=8, batch_size=8)
+        report = validate(path.parent, big_llama, num_samples=8, batch_size=8,
+                          generative=GenerativeOptions(num_passages=1, max_length=16, new_tokens=2))
         assert report.ok, report.violations
+        assert report.to_dict()["generative"]["status"] == "ok"
         result = Generator(path.parent).generate("The quick brown fox", max_new_tokens=8)
         assert len(result.token_ids) == len(fp32.token_ids)
 

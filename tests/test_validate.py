@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from ortq.errors import ConfigError, ValidationFailed
-from ortq.validate import Thresholds, normalize_provider, validate
+from ortq.validate import GenerativeOptions, Thresholds, normalize_provider, validate
 from tests.validate_models import BATCH, make_lm_models, make_mlp_models, mlp, qdq
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -244,10 +244,13 @@ def test_exported_bert_folder_uses_heldout_text_and_embeddings(tiny_bert_dir, tm
 
 def test_exported_llama_folder_is_a_causal_lm(tiny_llama_dir, tmp_path):
     q = _qdq_folder(tiny_llama_dir, tmp_path / "q", n=8)
-    report = validate(q, tiny_llama_dir, num_samples=8, batch_size=4, latency_runs=0, placement=False)
+    small = GenerativeOptions(num_passages=1, max_length=16, new_tokens=2)
+    report = validate(q, tiny_llama_dir, num_samples=8, batch_size=4, latency_runs=0, placement=False,
+                      generative=small)
     task = report.provider("cpu")["task"]
     assert report.to_dict()["task"] == "causal-lm"
     assert task["tokens"] > 0 and task["perplexity_reference"] > 1
+    assert report.to_dict()["generative"]["status"] == "ok"
 
 
 # ------------------------------------------------------------------------------------------- real MiniLM

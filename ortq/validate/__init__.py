@@ -10,7 +10,10 @@ held-out batches and the report records
 * latency (:mod:`ortq.validate.latency`): warm-up, then fp32 and quantized alternated (A B A B) on one batch;
 * placement (:mod:`ortq.validate.placement`): which provider ran each node of the optimized graph, which QDQ
   groups became integer kernels, and the share of MatMul/Gemm/Conv FLOPs that ran in int8;
-* the session settings, read back from the sessions themselves.
+* the session settings, read back from the sessions themselves;
+* for decoders exported with their KV cache (``input_ids`` and ``past_key_values.*`` inputs), what a user of a
+  language model sees (:mod:`ortq.validate.generative`): perplexity and next-token agreement on held-out
+  passages of two text domains, greedy continuations, prefill / decode tokens per second and peak memory.
 
 Providers that cannot run are recorded as skipped with the reason; ``require`` turns that into
 :class:`ortq.errors.ValidationFailed`. The per-layer error report of a static int8 model is
@@ -39,6 +42,7 @@ from ortq.runtime import (
 )
 from ortq.tasks import normalize_task
 from ortq.validate.compare import choose_outputs, compare, open_sessions, session_settings
+from ortq.validate.generative import GenerativeOptions, generative_precheck, generative_section
 from ortq.validate.inputs import ModelFile, load_model_file, model_summary, pick_batches, synthetic_batches
 from ortq.validate.latency import measure_latency
 from ortq.validate.layers import LayerReport, LayerStats, layer_report
@@ -67,6 +71,7 @@ __all__ = [
     "INTEGER_KERNELS",
     "NBITS_KERNELS",
     "ErrorStats",
+    "GenerativeOptions",
     "LayerReport",
     "LayerStats",
     "NodePlacement",
@@ -109,6 +114,7 @@ def validate(
     warmup_runs: int = 3,
     top_k: int = 5,
     placement: bool = True,
+    generative: GenerativeOptions | bool | None = None,
 ) -> ValidationReport:
     """Compare ``quantized`` with its fp32 ``reference`` on each requested execution provider.
 
@@ -132,6 +138,10 @@ def validate(
         warmup_runs: untimed runs per model first (the first one is reported as ``first_run_ms``).
         top_k: neighbours for the feature-extraction agreement.
         placement: also run :func:`inspect_placement` for both models on each provider.
+        generative: the evaluation of a decoder language model (report entry ``generative``): None runs it,
+            with the default :class:`GenerativeOptions`, when both models are decoders with a KV cache and a
+            tokenizer sits beside the reference (else the entry says why it did not run); False turns it off;
+            True or a :class:`GenerativeOptions` require it (a :class:`ConfigError` when it cannot run).
 
     Returns:
         A :class:`ValidationReport`; ``report.violations`` lists every threshold violated and ``report.ok``
@@ -141,6 +151,10 @@ def validate(
     keys, required = _provider_keys(providers, require)
     availability = _availability(keys, required)
     q_model, r_model = load_model_file(quantized), load_model_file(reference)
+    gen_required = generative is True or isinstance(generative, GenerativeOptions)
+    gen_args = ((q_model.path, q_model.proto), (r_model.path, r_model.proto),
+                GenerativeOptions() if generative in (None, True) else generative or None)
+    generative_precheck(*gen_args, required=gen_required)  # a bad request fails before anything slow
     batches, data_source = pick_batches(data, r_model, batch_size=batch_size, num_samples=num_samples)
     settings = SessionSettings(threads=intra_op_num_threads)
 
@@ -160,6 +174,7 @@ def validate(
         sessions.clear()
         if placement:
             _add_placement(rows, r_model, q_model, batches[0], intra_op_num_threads)
+    gen_block = generative_section(*gen_args, required=gen_required, threads=intra_op_num_threads)
 
     report = ValidationReport(
         {
@@ -180,6 +195,7 @@ def validate(
             "host": host_info(gpus=any(k != "cpu" for k in keys)),
             "providers": [rows[k] for k in keys],
             "thresholds": (thresholds or Thresholds()).to_dict(),
+            **({"generative": gen_block} if gen_block is not None else {}),
         }
     )
     if report_dir is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ortq.errors import ConfigError, MissingDependencyError, OutputError, ValidationFailed
+from ortq.validate.generative import generative_markdown
 from ortq.validate.picture import render_png
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 # Mean output cosine below which a "quantized" model is not an approximation of its reference at all.
 DEFAULT_COSINE_FLOOR = 0.9
+# Decoders (the report's ``generative`` entry), per text domain: the largest perplexity increase over fp32, in
+# percent, and the lowest share of next tokens whose argmax agrees with fp32's. On SmolLM2-135M
+# (benchmarks/llm.py) ortq's int4 gives +1.7 % / 92 %, onnxruntime's HQQ +13 % / 76 %, plain RTN int4
+# (onnxruntime's quantizer, the genai builder) +35 % / 62 %: the last fails, a broken model far more so.
+DEFAULT_MAX_PPL_INCREASE_PCT = 25.0
+DEFAULT_MIN_TOP1_AGREEMENT = 0.65
+# Thresholds checked by default (a sanity floor, not a deploy gate the user chose).
+_DEFAULT_ON = ("cosine_floor", "max_ppl_increase_pct", "min_top1_agreement")
 # Op types that mark a model as quantized (QDQ pairs, integer or low-bit kernels).
 QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized", "QLinearConv", "QLinearMatMul",
@@ -49,6 +58,10 @@ class Thresholds:
         max_perplexity_delta_pct: highest acceptable perplexity increase, in percent (language models).
         cosine_floor: a sanity floor on the mean cosine, checked by default: below it the two models do not
             compute the same function (a wrong reference, a broken model), whatever else was asked. None: off.
+        max_ppl_increase_pct: decoders, on every text domain of the generative evaluation: highest acceptable
+            perplexity increase over fp32, in percent. Checked by default; None: off.
+        min_top1_agreement: decoders, on every text domain: lowest acceptable share of next-token argmaxes equal
+            to fp32's. Checked by default; None: off.
     """
 
     min_cosine: float | None = None
@@ -58,6 +71,8 @@ class Thresholds:
     min_task_agreement: float | None = None
     max_perplexity_delta_pct: float | None = None
     cosine_floor: float | None = DEFAULT_COSINE_FLOOR
+    max_ppl_increase_pct: float | None = DEFAULT_MAX_PPL_INCREASE_PCT
+    min_top1_agreement: float | None = DEFAULT_MIN_TOP1_AGREEMENT
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -68,8 +83,10 @@ class Thresholds:
                 raise ConfigError(f"threshold {f.name} must be a number, got {v!r}")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise ConfigError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
-        if self.min_task_agreement is not None and not 0.0 <= self.min_task_agreement <= 1.0:
-            raise ConfigError(f"min_task_agreement must be in [0, 1], got {self.min_task_agreement!r}")
+        for name in ("min_task_agreement", "min_top1_agreement"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
         for name in ("max_latency_ratio", "max_abs_error"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -77,8 +94,8 @@ class Thresholds:
 
     @property
     def active(self) -> bool:
-        """Whether a limit beyond the default sanity floor is set."""
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "cosine_floor")
+        """Whether a limit beyond the ones checked by default is set."""
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name not in _DEFAULT_ON)
 
     def to_dict(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
@@ -127,6 +144,19 @@ class Thresholds:
                 name, "perplexity delta", task.get("perplexity_delta_pct"), self.max_perplexity_delta_pct,
                 "--max-perplexity-delta", ".2f", "%",
             )
+        return out + self._check_generative(report.get("generative"))
+
+    def _check_generative(self, gen: dict[str, Any] | None) -> list[str]:
+        """Per text domain of the generative evaluation; nothing when it did not run (the report says so)."""
+        if not gen or gen.get("status") != "ok":
+            return []
+        out: list[str] = []
+        for domain, d in (gen.get("domains") or {}).items():
+            where = f"generative ({domain})"
+            out += _check_max(where, "perplexity increase", d.get("perplexity_delta_pct"), self.max_ppl_increase_pct,
+                              "--max-ppl-increase", ".2f", "%")
+            out += _check_min(where, "top-1 next-token agreement", d.get("top1_agreement"), self.min_top1_agreement,
+                              "--min-top1-agreement", ".3f")
         return out
 
 
@@ -349,6 +379,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     verdict = "**PASS**" if data.get("ok", True) else "**FAIL**"
     lines.append(f"{verdict} — quantized `{q.get('path', '?')}` vs fp32 `{r.get('path', '?')}`")
     lines.append("")
+    lines += _checked_lines(data)
     if data.get("violations"):
         lines.append("Violations:")
         lines += [f"- {_esc(v)}" for v in data["violations"]]
@@ -403,6 +434,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append("ratio = quantized / fp32 median latency on the same provider (below 1 is faster).")
     lines.append("")
+    lines += generative_markdown(data.get("generative"))
     for p in data.get("providers", []):
         if p.get("status") != "ok":
             continue
@@ -413,6 +445,21 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append(f"report.png skipped: {_esc(art['png_skipped_reason'])}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _checked_lines(data: dict[str, Any]) -> list[str]:
+    """What the verdict covers, and what did not run."""
+    ran = [p.get("name") for p in data.get("providers", []) if p.get("status") == "ok"]
+    checked = [f"outputs on {', '.join(ran)}"] if ran else []
+    gen = data.get("generative") or {}
+    if gen.get("status") == "ok":
+        checked.append("generative metrics on " + ", ".join(gen.get("domains") or {}))
+    lines = [f"Checked: {'; '.join(checked) or 'nothing'}."]
+    if gen and gen.get("status") != "ok":
+        lines.append(f"Generative evaluation NOT run: {_esc(gen.get('reason'))}.")
+    for domain, why in (gen.get("skipped_domains") or {}).items():
+        lines.append(f"Text domain {domain} NOT evaluated: {_esc(why)}.")
+    return lines + [""]
 
 
 def _provider_details(p: dict[str, Any]) -> list[str]:
