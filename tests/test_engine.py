@@ -37,6 +37,38 @@ def test_shards_are_a_fixed_partition():
         shards_of(batches, 0)
 
 
+class _SumJob:
+    """A foldable job whose merge records how many partials it held at once."""
+
+    foldable = True
+
+    def __init__(self):
+        self.widest = 0
+
+    def open(self, model):
+        return None
+
+    def run(self, opened, batches):
+        return np.array([float(b["x"][0, 0]) * 0.1 for b in batches])
+
+    def merge(self, partials):
+        self.widest = max(self.widest, len(partials))
+        total = partials[0].copy()
+        for p in partials[1:]:
+            total = total + np.resize(p, total.shape)
+        return total
+
+
+def test_foldable_statistics_are_merged_as_they_come_bit_for_bit():
+    """GPTQ's Hessians of every shard are not all held at once, and the sum is the same float bits."""
+    batches = [{"x": np.full((1, 1), i)} for i in range(40)]
+    job = _SumJob()
+    folded = LocalEngine(shard_batches=4).run(job, None, batches)
+    assert job.widest <= 2
+    whole = _SumJob()
+    assert np.array_equal(folded, whole.merge([whole.run(None, s) for s in shards_of(batches, 4)]))
+
+
 def test_local_engine_equals_the_streaming_collector(tiny_bert_dir):
     """Shards merged in order give exactly the state of one stream over all batches (histograms too)."""
     config = AutoCalibrationConfig.percentiles(percentile=99.9, batch_size=8)

@@ -125,6 +125,8 @@ class MomentsJob(ShardJob):
     :class:`~ortq.calibrators.engine.ShardJob`: all are sums, merged by adding the shards' partials in shard
     order (so any engine gives the same float64 bits)."""
 
+    foldable = True
+
     def __init__(self, activations: Sequence[str], *, hessians: bool = False):
         self.activations = list(dict.fromkeys(activations))
         self.hessians = hessians

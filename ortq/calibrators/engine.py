@@ -52,6 +52,9 @@ Feeds = Mapping[str, np.ndarray]
 class ShardJob(abc.ABC):
     """One kind of partial statistics: opened once per worker, run per shard, merged in shard order."""
 
+    #: ``merge(partials)`` adds the partials in order, so ``merge([merge([a, b]), c]) == merge([a, b, c])``.
+    foldable: bool = False
+
     @abc.abstractmethod
     def open(self, model: ir.Model) -> Any:
         """What a worker keeps between shards (its session); ``model`` is not referenced afterwards."""
@@ -102,8 +105,10 @@ class LocalEngine:
         shards = shards_of(batches, self.shard_batches)
         opened = job.open(model)
         items = progress(shards, desc=desc, total=len(shards), unit="shard") if desc else shards
-        partials = [job.run(opened, shard) for shard in items]
-        return job.merge(partials)
+        merged = _InOrder(job, len(shards))
+        for index, shard in enumerate(items):
+            merged.add(index, job.run(opened, shard))
+        return merged.result()
 
 
 class _Worker:
@@ -191,13 +196,13 @@ class RayEngine:
             logger.info("calibrating %d shards on %d Ray workers", len(shards), len(actors))
             pool = ActorPool(actors)
             retry = {"max_task_retries": self.max_retries, "retry_exceptions": True}
-            partials: list[Any] = [None] * len(shards)
+            merged = _InOrder(job, len(shards))
             bar = progress(desc=desc or "calibrating on Ray", total=len(shards), unit="shard")
             try:
                 results = pool.map_unordered(lambda a, item: a.run.options(**retry).remote(*item),
                                              enumerate(shards))
                 for index, partial in results:
-                    partials[index] = partial
+                    merged.add(index, partial)
                     bar.update(1)
             except Exception as exc:
                 raise CalibrationDataError(
@@ -207,7 +212,35 @@ class RayEngine:
                 bar.close()
                 for actor in actors:
                     ray.kill(actor)
-        return job.merge(partials)
+        return merged.result()
+
+
+class _InOrder:
+    """Partials merged in shard order as they arrive. A job whose merge is a running sum (``foldable``) is folded
+    into one running total, so memory holds one partial plus those that arrived early, whatever the number of
+    shards (GPTQ's Hessians of a whole decoder are hundreds of MB per partial); the order of the additions, and
+    so every bit, is the one ``merge(all partials)`` would give."""
+
+    def __init__(self, job: ShardJob, count: int):
+        self.job, self.count = job, count
+        self.pending: dict[int, Any] = {}
+        self.done: list[Any] = []
+        self.next = 0
+
+    def add(self, index: int, partial: Any) -> None:
+        self.pending[index] = partial
+        while self.next in self.pending:
+            part = self.pending.pop(self.next)
+            if self.job.foldable and self.done:
+                self.done = [self.job.merge([self.done[0], part])]
+            else:
+                self.done.append(part)
+            self.next += 1
+
+    def result(self) -> Any:
+        if self.next != self.count:
+            raise CalibrationDataError(f"{self.count - self.next} calibration shard(s) returned no statistics")
+        return self.job.merge(self.done)
 
 
 class _shipped:
