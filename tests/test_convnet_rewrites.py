@@ -1,0 +1,115 @@
+"""Exact convnet rewrites before planning (:mod:`ortq.passes.convnet_rewrites`): TensorFlow-style ``Pad -> Conv``
+folds into the convolution (no float Q/DQ pair left between int8 convolutions), and an ``AveragePool`` over its
+whole input becomes ``GlobalAveragePool`` (ONNX Runtime's int8 average pool divides such a window by its full
+size: all-zero logits, a NaN cosine, on Hugging Face's EfficientNet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ortq.config import CalibrationConfig, QuantizationConfig
+from ortq.passes.convnet_rewrites import fold_pads_into_convs, global_average_pools, rewrite_convnet
+from ortq.quantizer import ORTQuantizer
+from ortq.runtime import create_session
+from ortq.validate.placement import inspect_placement
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return create_session(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def _pad_conv(pads: list[int], value: float = 0.0, auto_pad: str | None = None) -> onnx.ModelProto:
+    w = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_attrs = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 0, 0, 1]}
+    nodes = [
+        # pads computed from constants, as the exporters write TensorFlow "same" padding
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+        helper.make_node("Concat", ["zeros", "tail"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
+        helper.make_node("Conv", ["padded", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], **conv_attrs),
+    ]
+    inits = [numpy_helper.from_array(np.array([4], np.int64), "shape"),
+             numpy_helper.from_array(np.array(pads, np.int64), "tail"),
+             numpy_helper.from_array(np.array(value, np.float32), "value"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, None, None])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("auto_pad", [None, "VALID"])
+def test_zero_pad_folds_into_the_convolution(auto_pad):
+    model = _pad_conv([0, 0, 1, 2], auto_pad=auto_pad)  # end pads of H and W (begin pads all zero)
+    folded, n = fold_pads_into_convs(model)
+    assert n == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert [node.op_type for node in folded.graph.node] == ["Conv"]
+    assert {i.name for i in folded.graph.initializer} == {"w"}  # the pads' constant chain is gone
+    x = np.random.default_rng(1).normal(size=(2, 3, 9, 10)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    assert len(model.graph.node) == 4  # the input model is left alone
+
+
+@pytest.mark.parametrize("pads, value", [([1, 0, 1, 2], 0.0), ([0, 0, 1, 2], 1.0), ([0, 0, -1, 2], 0.0)])
+def test_pads_that_are_not_convolution_padding_stay(pads, value):
+    # channel padding, a non-zero fill value, a crop: not the convolution's zero padding
+    model = _pad_conv(pads, value)
+    assert fold_pads_into_convs(model)[1] == 0
+
+
+def _pool(kernel: int, ceil_mode: int, size: int = 7) -> onnx.ModelProto:
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kernel, kernel], strides=[kernel, kernel],
+                            ceil_mode=ceil_mode, count_include_pad=1, pads=[0, 0, 0, 0])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 1, 1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_average_pool_over_the_whole_input_becomes_global():
+    x = np.random.default_rng(0).uniform(0, 2, size=(2, 4, 7, 7)).astype(np.float32)
+    for kernel, ceil in ((1280, 1), (7, 0)):
+        model = _pool(kernel, ceil)
+        rewritten, n = global_average_pools(model)
+        assert n == 1 and rewritten.graph.node[0].op_type == "GlobalAveragePool"
+        np.testing.assert_allclose(_run(rewritten, x), _run(model, x), rtol=1e-6)
+    for kernel, ceil in ((3, 1), (5, 0)):  # several windows: a real average pool
+        assert global_average_pools(_pool(kernel, ceil))[1] == 0
+
+
+def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
+    """Regression: ``AvgPool2d(1280, ceil_mode=True)`` on a 7x7 map (Hugging Face's EfficientNet pooler) gave
+    all-zero int8 logits, a NaN cosine to fp32."""
+    torch = pytest.importorskip("torch")
+    from ortq.export import export
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2), nn.SiLU(),
+                        nn.AvgPool2d(1280, ceil_mode=True), nn.Flatten(), nn.Linear(8, 10)).eval()
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(16, 3, 14, 14)).astype(np.float32)
+    export(net, tmp_path / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["x"],
+           output_names=["logits"])
+    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    _, done = rewrite_convnet(fp32)
+    assert done == {"folded_pads": 1, "global_pools": 1}
+    np.savez(tmp_path / "calib.npz", x=calib)
+    q = ORTQuantizer.from_pretrained(tmp_path / "fp32")
+    q.show_progress = False
+    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"),
+                      calibration_config=CalibrationConfig(batch_size=8))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = rng.normal(size=(8, 3, 14, 14)).astype(np.float32)
+    ref = create_session(tmp_path / "fp32" / "model.onnx").run(None, {"x": x})[0]
+    out = create_session(path).run(None, {"x": x})[0]
+    assert np.isfinite(out).all() and (np.linalg.norm(out, axis=1) > 0).all()
+    cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
+    assert cos.min() > 0.99, cos
+    placement = inspect_placement(path, "cpu", {"x": x[:2]}, runs=1)
+    assert placement.convolutions == {"total": 1, "int8": 1, "float": 0}
+    assert placement.qlinear_elementwise.get("QLinearGlobalAveragePool") == 1
+    assert "QLinearAveragePool" not in placement.qlinear_elementwise
+    assert placement.unfused_qdq.get("DequantizeLinear", 0) == 0  # no Q/DQ pair left around the folded Pad
