@@ -11,7 +11,8 @@ fidelity on centre and corner crops of the other half.
 
 Speed: warm sessions, 2 intra-op threads, batch 1 and 8, fp32 and each quantized model alternated;
 speedup = min(fp32) / min(model). Placement: convolutions that ONNX Runtime's CPU EP ran as integer kernels
-(``ortq.validate.placement``). Fidelity: cosine of the logits to fp32 (mean and worst) and top-1 agreement.
+(``ortq.validate.placement``). Fidelity: cosine of the logits to fp32 (mean and worst) and top-1 agreement; as a
+yardstick, the same figures for fp32 itself with white noise at 50 dB SNR added to its input.
 
     python benchmarks/convnets.py [--models resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0] [--rounds 10]
 
@@ -227,6 +228,10 @@ def run_model(name: str, calib: np.ndarray, held: np.ndarray, rounds: int, work:
             **fidelity(ref, out),
         }
     rows["ortq"]["quantize_seconds"] = round(ortq_s, 1)
+    # How far fp32 itself moves under white noise at 50 dB SNR on its input (about int8's own step): random
+    # weights amplify small perturbations much more than trained ones, which bounds any int8 model's cosine.
+    noise = np.random.default_rng(1).normal(size=held.shape).astype(np.float32) * held.std() * 10 ** (-50 / 20)
+    rows["fp32"]["input_noise_50db"] = fidelity(ref, session(fp32).run(None, {"pixel_values": held + noise})[0])
     return rows
 
 
@@ -255,6 +260,8 @@ def main() -> None:
             print(f"{name:16} {k:8} {r['speedup_b1']:6.2f} {r['speedup_b8']:6.2f} {c['int8']:>5}/{c['total']:<5} "
                   f"{(100 * frac if frac is not None else float('nan')):9.1f}% {r['cosine_mean']:9.4f} "
                   f"{r['cosine_min']:8.4f} {r['top1_agreement']:5.2f}")
+        n = rows["fp32"]["input_noise_50db"]
+        print(f"{name:16} {'fp32+50dB noise':47} {n['cosine_mean']:9.4f} {n['cosine_min']:8.4f} {n['top1_agreement']:5.2f}")
     RESULTS.mkdir(exist_ok=True)
     doc = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
