@@ -113,3 +113,11 @@ def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
     assert placement.qlinear_elementwise.get("QLinearGlobalAveragePool") == 1
     assert "QLinearAveragePool" not in placement.qlinear_elementwise
     assert placement.unfused_qdq.get("DequantizeLinear", 0) == 0  # no Q/DQ pair left around the folded Pad
+
+
+def test_an_initializer_that_is_also_an_input_survives_the_cleanup():
+    model = _pad_conv([0, 0, 1, 2])
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "knob"))
+    model.graph.input.append(helper.make_tensor_value_info("knob", TensorProto.FLOAT, [2]))
+    folded, n = fold_pads_into_convs(model)
+    assert n == 1 and {i.name for i in folded.graph.initializer} == {"w", "knob"}

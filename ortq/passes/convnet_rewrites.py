@@ -172,6 +172,7 @@ def _drop_dead(graph: onnx.GraphProto) -> None:
         del graph.node[:]
         graph.node.extend(alive)
     used = {v for n in graph.node for v in n.input} | {o.name for o in graph.output}
+    used |= {i.name for i in graph.input}  # an initializer that is also an input stays a default
     dead = [t for t in graph.initializer if t.name not in used]
     for t in dead:
         graph.initializer.remove(t)
