@@ -14,6 +14,14 @@ its ``pads``. Pads computed from constants (a ``ConstantOfShape -> Concat -> Sli
 inside the input (a mean), but ``QLinearAveragePool`` divides by the whole ``k x k`` window: the int8 pool
 returns zeros and every logit after it is zero. The global pool is the same mean and has an int8 kernel that
 gets it right.
+
+**Hardswish and Hardsigmoid after a convolution become ``Add -> Clip -> Mul``.** ONNX Runtime has no int8
+kernel for either: they ran in float between DequantizeLinear / QuantizeLinear, with layout transposes around
+them (MobileNetV3). ``HardSigmoid(x) = Clip(x + beta/alpha, 0, 1/alpha) * alpha`` and ``HardSwish(x) = x *
+HardSigmoid(x)`` (alpha 1/6, beta 1/2): the Add is a ``QLinearAdd`` with a constant, the Clip folds into its
+QuantizeLinear, the Mul by ``alpha`` is a change of scale with no kernel (:mod:`ortq.passes.int8_graph`) and
+the product a ``QLinearMul``. Only activations a Conv feeds are rewritten (elsewhere the single float op is
+faster).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ logger = logging.getLogger(__name__)
 # auto_pad values under which a Conv's padding is its ``pads`` attribute (VALID: none at all).
 _EXPLICIT = (None, b"NOTSET", "NOTSET", b"VALID", "VALID")
 
-__all__ = ["fold_pads_into_convs", "global_average_pools", "rewrite_convnet"]
+__all__ = ["decompose_hard_activations", "fold_pads_into_convs", "global_average_pools", "rewrite_convnet"]
 
 
 def _constant_value(name: str, graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
@@ -229,8 +237,60 @@ def global_average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(covering)
 
 
+def decompose_hard_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Write every HardSwish / HardSigmoid (alpha > 0) whose input a Conv computes as ``Add -> Clip -> Mul``
+    (times its input for HardSwish). Returns the model (a copy when something changed) and the count."""
+    graph = model.graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    hard = [i for i, n in enumerate(graph.node) if n.op_type in ("HardSwish", "HardSigmoid") and n.domain in ("", "ai.onnx")
+            and producers.get(n.input[0]) == "Conv" and (_attr(n, "alpha") or 0.2) > 0]
+    if not hard:
+        return model, 0
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    names = {v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
+    names |= {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.add(name)
+        return name
+
+    def const(base: str, value: float) -> str:
+        name = fresh(base)
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    nodes = list(graph.node)
+    for i in hard:
+        node = nodes[i]
+        swish = node.op_type == "HardSwish"
+        alpha = 1 / 6 if swish else float(_attr(node, "alpha") or 0.2)
+        beta = 0.5 if swish else float(_attr(node, "beta") if _attr(node, "beta") is not None else 0.5)
+        base, x, y = node.name or node.output[0], node.input[0], node.output[0]
+        shifted, clipped = fresh(f"{base}/shifted"), fresh(f"{base}/clipped")
+        gate = fresh(f"{base}/gate") if swish else y
+        new = [
+            helper.make_node("Add", [x, const(f"{base}/shift", beta / alpha)], [shifted], name=fresh(f"{base}/Add")),
+            helper.make_node("Clip", [shifted, const(f"{base}/min", 0.0), const(f"{base}/max", 1 / alpha)], [clipped],
+                             name=fresh(f"{base}/Clip")),
+            helper.make_node("Mul", [clipped, const(f"{base}/alpha", alpha)], [gate], name=fresh(f"{base}/Scale")),
+        ]
+        if swish:
+            new.append(helper.make_node("Mul", [x, gate], [y], name=fresh(f"{base}/Mul")))
+        nodes[i] = new
+    del graph.node[:]
+    graph.node.extend(n for item in nodes for n in (item if isinstance(item, list) else [item]))
+    logger.info("%d Hardswish / Hardsigmoid nodes written as Add -> Clip -> Mul", len(hard))
+    return model, len(hard)
+
+
 def rewrite_convnet(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Both rewrites; returns the model and ``{"folded_pads": n, "global_pools": m}``."""
+    """All three rewrites; returns the model and ``{"folded_pads", "global_pools", "hard_activations"}``."""
     model, pads = fold_pads_into_convs(model)
     model, pools = global_average_pools(model)
-    return model, {"folded_pads": pads, "global_pools": pools}
+    model, hard = decompose_hard_activations(model)
+    return model, {"folded_pads": pads, "global_pools": pools, "hard_activations": hard}
