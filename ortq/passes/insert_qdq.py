@@ -49,6 +49,8 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
     values = values_by_name(graph)
 
     for name, qp in plan.activations.items():
+        if name in plan.rescaled:
+            continue
         value = values[name]
         scale = add_initializer(graph, unique_name(names, f"{name}_scale"), qp.scale)
         zp = add_initializer(graph, unique_name(names, f"{name}_zero_point"), qp.zero_point)
@@ -62,6 +64,9 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             dq.outputs[0].shape = value.shape
         insert_after_producer(graph, value, [q, dq])
         dq_of[name] = dq.outputs[0]
+
+    for name, source in plan.rescaled.items():  # graph order: a source is quantized (or rescaled) before
+        dq_of[name] = _rescaled_dq(graph, names, values[name], dq_of[source], plan.activations[name])
 
     for name, qp in plan.weights.items():
         value = values[name]
@@ -99,6 +104,12 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
             if use.node is not q_node:
                 use.node.replace_input_with(use.idx, dq_out)
 
+    for name, source in plan.rescaled.items():  # every consumer reads the rescaled DequantizeLinear: the Mul
+        graph.remove(values[name].producer(), safe=True)  # goes, and the source's own one if nothing reads it
+        dq = dq_of[source]
+        if not list(dq.uses()) and not dq.is_graph_output() and source not in plan.rescaled:
+            graph.remove(dq.producer(), safe=True)
+
     biases = _insert_biases(graph, plan, names)
 
     for node in list(graph):
@@ -112,6 +123,23 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
 
     drop_unused_initializers(graph, [values[name] for name in plan.weights] + biases)
     return model
+
+
+def _rescaled_dq(graph: ir.Graph, names: set[str], value: ir.Value, source_dq: ir.Value, qp: QParams) -> ir.Value:
+    """A DequantizeLinear reading the integers behind ``source_dq`` with ``qp`` (the scale multiplied by the
+    removed Mul's constant); returns its output, which stands for ``value``."""
+    name = value.name
+    scale = add_initializer(graph, unique_name(names, f"{name}_scale"), qp.scale)
+    zp = add_initializer(graph, unique_name(names, f"{name}_zero_point"), qp.zero_point)
+    dq = ir.node("DequantizeLinear", [source_dq.producer().inputs[0], scale, zp],
+                 name=unique_name(names, f"{name}_DequantizeLinear"))
+    dq.outputs[0].name = unique_name(names, f"{name}_dequantized")
+    if value.dtype is not None:
+        dq.outputs[0].dtype = value.dtype
+    if value.shape is not None:
+        dq.outputs[0].shape = value.shape
+    graph.insert_after(source_dq.producer(), [dq])
+    return dq.outputs[0]
 
 
 def _insert_biases(graph: ir.Graph, plan: QuantPlan, names: set[str]) -> list[ir.Value]:

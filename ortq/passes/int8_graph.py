@@ -14,6 +14,11 @@ it into the kernel. Around the convolutions:
   ``Resize``) run on uint8/int8 when their input and output QuantizeLinear share one scale and zero point
   (ONNX Runtime drops the pair), so their output reuses the input's parameters.
 
+``Add`` and ``Mul`` may also take a scalar constant (quantized like a weight, on the activations' type); a
+``Mul`` by a positive scalar constant runs no kernel at all: its output is its input's integers read with the
+scale multiplied (a second DequantizeLinear), which is how a decomposed Hardswish / Hardsigmoid
+(:mod:`ortq.passes.convnet_rewrites`) divides by 6 for free.
+
 Such an op is planned in int8 only when every data input is already an 8-bit tensor of the plan: the chain
 starts at quantized convolutions and never reaches a transformer's float residual stream. This module finds
 the structure; :mod:`ortq.passes.plan` attaches the ranges.
@@ -21,6 +26,7 @@ the structure; :mod:`ortq.passes.plan` attaches the ranges.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 # Op type -> indices of its data inputs (None: all inputs). Outputs get their own calibrated range.
@@ -46,8 +52,11 @@ SAME_SCALE_OPS: dict[str, tuple[int, ...]] = {
 # Compute ops whose output is quantized (with a following Relu/Clip folded in).
 OUTPUT_QUANTIZED_OPS = frozenset({"Conv"})
 FOLDABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+# Chain ops that accept a scalar constant as one data input.
+CONSTANT_INPUT_OPS = frozenset({"Add", "Mul"})
 
 __all__ = [
+    "CONSTANT_INPUT_OPS",
     "FOLDABLE_ACTIVATIONS",
     "OUTPUT_QUANTIZED_OPS",
     "QLINEAR_OPS",
@@ -56,6 +65,7 @@ __all__ = [
     "clip_bounds",
     "folded_activation",
     "is_chain_op",
+    "scalar_constant",
 ]
 
 
@@ -70,6 +80,19 @@ def chain_inputs(node: ir.Node) -> list[int]:
     if indices is None:
         indices = tuple(range(len(node.inputs)))
     return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+
+
+def scalar_constant(node: ir.Node, index: int) -> float | None:
+    """The finite value of input ``index`` of an Add / Mul when it is a one-element constant, else None."""
+    if node.op_type not in CONSTANT_INPUT_OPS or index >= len(node.inputs) or node.inputs[index] is None:
+        return None
+    const = node.inputs[index].const_value
+    if const is None:
+        return None
+    a = const.numpy()
+    if a.size != 1 or not np.isfinite(a).all():
+        return None
+    return float(a.reshape(()))
 
 
 def _sole_consumer(value: ir.Value) -> ir.Node | None:

@@ -27,6 +27,7 @@ from ortq.passes.int8_graph import (
     clip_bounds,
     folded_activation,
     is_chain_op,
+    scalar_constant,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class QuantPlan:
     rewire_all: set[str] = field(default_factory=set)
     # node name -> (bias input index, bias, activation, weight): int32 bias of scale activation x weight
     biases: dict[str, tuple[int, str, str, str]] = field(default_factory=dict)
+    # output of a Mul by a positive scalar -> its 8-bit input: the Mul is removed, the output read from the
+    # input's integers with the scale multiplied (its parameters are in ``activations``)
+    rescaled: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized_nodes(self) -> list[str]:
@@ -156,6 +160,7 @@ class QuantPlan:
             "weights": {k: v.to_dict() for k, v in sorted(self.weights.items())},
             "quantized_outputs": sorted(self.rewire_all),
             "int32_biases": len(self.biases),
+            "rescaled_outputs": dict(sorted(self.rescaled.items())),
             "nodes": [d.to_dict() for d in self.decisions],
         }
 
@@ -230,7 +235,8 @@ def calibration_targets(model: ir.Model, config: QuantizationConfig) -> list[str
         for node in graph:
             if not is_chain_op(node) or node.op_type in OP_RULES or _excluded(node.name, config.nodes_to_exclude):
                 continue
-            if not all(node.inputs[i].name in eight_bit for i in chain_inputs(node)):
+            data = [i for i in chain_inputs(node) if scalar_constant(node, i) is None]
+            if not data or not all(node.inputs[i].name in eight_bit for i in data):
                 continue
             outputs = _output_candidates(node) if node.op_type in QLINEAR_OPS else [node.outputs[0].name]
             eight_bit.update(outputs)
@@ -400,20 +406,35 @@ def _decide_chain(node: ir.Node, config: QuantizationConfig, ranges: Mapping[str
     if _excluded(node.name, config.nodes_to_exclude):
         return keep("excluded by nodes_to_exclude")
     indices = chain_inputs(node)
+    constants = {i: c for i in indices if (c := scalar_constant(node, i)) is not None}
+    if len(constants) == len(indices):
+        return keep("constant inputs only")
     for i in indices:
         v = node.inputs[i]
-        if v.name not in plan.activations:
+        if i not in constants and v.name not in plan.activations:
             kind = "a constant" if v.const_value is not None or v.is_initializer() else "not an 8-bit tensor"
             return keep(f"input {v.name!r} is {kind}: no int8 neighbour to stay in")
     if any(not _is_float(o) for o in node.outputs):
         return keep("output is not float32")
+    out = node.outputs[0]
+    if node.op_type == "Mul" and constants and next(iter(constants.values())) > 0 and not out.is_graph_output():
+        (c_index, c), = constants.items()
+        source = node.inputs[1 - c_index].name
+        qp = plan.activations[source]
+        plan.activations.setdefault(out.name, QParams(np.asarray(qp.scale * np.float32(c), np.float32),
+                                                      qp.zero_point, qp.dtype))
+        plan.rescaled[out.name] = source
+        plan.rewire_all.add(out.name)
+        return keep(f"folded into the scale of {source!r} (x{c:g}): no node left to run")
+    for i, c in constants.items():  # the constant on the activations' integer type, like a weight
+        plan.weights.setdefault(node.inputs[i].name, weight_qparams(
+            np.array(c, np.float32), None, config.activations_dtype, False, False))
     plan.node_inputs[node.name] = indices
     if node.op_type in QLINEAR_OPS:
         reason = _plan_output(node, config, ranges, plan, folded)
         if "left float" in reason:
             return keep(f"int8 inputs, but the{reason.removeprefix(';')}: runs in float")
         return NodeDecision(node.name, node.op_type, True, f"int8: QLinear{node.op_type}{reason}")
-    out = node.outputs[0]
     if out.is_graph_output():
         return keep("output is a graph output: runs in float between DequantizeLinear and the output")
     plan.activations.setdefault(out.name, plan.activations[node.inputs[indices[0]].name])

@@ -4,6 +4,10 @@
   the planner sees them as constant weights.
 * Opsets below 13 (per-channel ``DequantizeLinear`` needs 13) are upgraded with ``onnx.version_converter``;
   a conversion that fails is refused with a :class:`~ortq.errors.ModelError`.
+* A zero ``Pad`` in front of a ``Conv`` folds into the convolution's ``pads``, so no QuantizeLinear /
+  DequantizeLinear pair is left in float between two int8 convolutions; an ``AveragePool`` over its whole input
+  becomes ``GlobalAveragePool``, whose int8 kernel computes the same mean; a Hardswish / Hardsigmoid after a Conv
+  becomes ``Add -> Clip -> Mul``, which int8 kernels run (:mod:`ortq.passes.convnet_rewrites`).
 * Shape inference fills in element types when a quantizable node's inputs have none (an integer ``MatMul``
   must not get QDQ pairs).
 * Nodes holding subgraphs (``If``, ``Loop``, ``Scan``) and recurrent nodes (``LSTM``, ``GRU``, ``RNN``) stay in
@@ -23,6 +27,7 @@ import onnx
 
 from ortq.errors import ModelError, first_line
 from ortq.io import default_opset, needs_external_data
+from ortq.passes.convnet_rewrites import rewrite_convnet
 from ortq.runtime import create_session
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,9 @@ class Preparation:
     opset: int
     lifted_constants: int = 0
     initializer_inputs: int = 0
+    folded_pads: int = 0
+    global_pools: int = 0
+    hard_activations: int = 0
     shape_inference: bool = False
     float_nodes: dict[str, str] = field(default_factory=dict)
 
@@ -329,6 +337,9 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
     model, prep.lifted_constants = _lift_constants(model)
     if prep.lifted_constants:
         logger.info("%s: %d Constant nodes lifted to initializers", source, prep.lifted_constants)
+    model, rewrites = rewrite_convnet(model)
+    prep.folded_pads, prep.global_pools = rewrites["folded_pads"], rewrites["global_pools"]
+    prep.hard_activations = rewrites["hard_activations"]
     if _missing_types(model):
         model, prep.shape_inference = _infer_shapes(model)
     for i, node in enumerate(model.graph.node):

@@ -1,0 +1,248 @@
+"""Exact convnet rewrites before planning (:mod:`ortq.passes.convnet_rewrites`): TensorFlow-style ``Pad -> Conv``
+folds into the convolution (no float Q/DQ pair left between int8 convolutions), and an ``AveragePool`` over its
+whole input becomes ``GlobalAveragePool`` (ONNX Runtime's int8 average pool divides such a window by its full
+size: all-zero logits, a NaN cosine, on Hugging Face's EfficientNet)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ortq.config import CalibrationConfig, QuantizationConfig
+from ortq.passes.convnet_rewrites import (
+    decompose_hard_activations,
+    fold_pads_into_convs,
+    global_average_pools,
+    rewrite_convnet,
+)
+from ortq.quantizer import ORTQuantizer
+from ortq.runtime import create_session
+from ortq.validate.placement import inspect_placement
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return create_session(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def _pad_conv(pads: list[int], value: float = 0.0, auto_pad: str | None = None) -> onnx.ModelProto:
+    w = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_attrs = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 0, 0, 1]}
+    nodes = [
+        # pads computed from constants, as the exporters write TensorFlow "same" padding
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+        helper.make_node("Concat", ["zeros", "tail"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
+        helper.make_node("Conv", ["padded", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], **conv_attrs),
+    ]
+    inits = [numpy_helper.from_array(np.array([4], np.int64), "shape"),
+             numpy_helper.from_array(np.array(pads, np.int64), "tail"),
+             numpy_helper.from_array(np.array(value, np.float32), "value"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, None, None])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("auto_pad", [None, "VALID"])
+def test_zero_pad_folds_into_the_convolution(auto_pad):
+    model = _pad_conv([0, 0, 1, 2], auto_pad=auto_pad)  # end pads of H and W (begin pads all zero)
+    folded, n = fold_pads_into_convs(model)
+    assert n == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert [node.op_type for node in folded.graph.node] == ["Conv"]
+    assert {i.name for i in folded.graph.initializer} == {"w"}  # the pads' constant chain is gone
+    x = np.random.default_rng(1).normal(size=(2, 3, 9, 10)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    assert len(model.graph.node) == 4  # the input model is left alone
+
+
+@pytest.mark.parametrize("pads, value", [([1, 0, 1, 2], 0.0), ([0, 0, 1, 2], 1.0), ([0, 0, -1, 2], 0.0)])
+def test_pads_that_are_not_convolution_padding_stay(pads, value):
+    # channel padding, a non-zero fill value, a crop: not the convolution's zero padding
+    model = _pad_conv(pads, value)
+    assert fold_pads_into_convs(model)[1] == 0
+
+
+def _pool(kernel: int, ceil_mode: int, size: int = 7) -> onnx.ModelProto:
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kernel, kernel], strides=[kernel, kernel],
+                            ceil_mode=ceil_mode, count_include_pad=1, pads=[0, 0, 0, 0])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 1, 1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_average_pool_over_the_whole_input_becomes_global():
+    x = np.random.default_rng(0).uniform(0, 2, size=(2, 4, 7, 7)).astype(np.float32)
+    for kernel, ceil in ((1280, 1), (7, 0)):
+        model = _pool(kernel, ceil)
+        rewritten, n = global_average_pools(model)
+        assert n == 1 and rewritten.graph.node[0].op_type == "GlobalAveragePool"
+        np.testing.assert_allclose(_run(rewritten, x), _run(model, x), rtol=1e-6)
+    for kernel, ceil in ((3, 1), (5, 0)):  # several windows: a real average pool
+        assert global_average_pools(_pool(kernel, ceil))[1] == 0
+
+
+def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
+    """Regression: ``AvgPool2d(1280, ceil_mode=True)`` on a 7x7 map (Hugging Face's EfficientNet pooler) gave
+    all-zero int8 logits, a NaN cosine to fp32."""
+    torch = pytest.importorskip("torch")
+    from ortq.export import export
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2), nn.SiLU(),
+                        nn.AvgPool2d(1280, ceil_mode=True), nn.Flatten(), nn.Linear(8, 10)).eval()
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(16, 3, 14, 14)).astype(np.float32)
+    export(net, tmp_path / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["x"],
+           output_names=["logits"])
+    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    _, done = rewrite_convnet(fp32)
+    assert done == {"folded_pads": 1, "global_pools": 1, "hard_activations": 0}
+    np.savez(tmp_path / "calib.npz", x=calib)
+    q = ORTQuantizer.from_pretrained(tmp_path / "fp32")
+    q.show_progress = False
+    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"),
+                      calibration_config=CalibrationConfig(batch_size=8))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = rng.normal(size=(8, 3, 14, 14)).astype(np.float32)
+    ref = create_session(tmp_path / "fp32" / "model.onnx").run(None, {"x": x})[0]
+    out = create_session(path).run(None, {"x": x})[0]
+    assert np.isfinite(out).all() and (np.linalg.norm(out, axis=1) > 0).all()
+    cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
+    assert cos.min() > 0.99, cos
+    placement = inspect_placement(path, "cpu", {"x": x[:2]}, runs=1)
+    assert placement.convolutions == {"total": 1, "int8": 1, "float": 0}
+    assert placement.qlinear_elementwise.get("QLinearGlobalAveragePool") == 1
+    assert "QLinearAveragePool" not in placement.qlinear_elementwise
+    assert placement.unfused_qdq.get("DequantizeLinear", 0) == 0  # no Q/DQ pair left around the folded Pad
+
+
+def test_an_initializer_that_is_also_an_input_survives_the_cleanup():
+    model = _pad_conv([0, 0, 1, 2])
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "knob"))
+    model.graph.input.append(helper.make_tensor_value_info("knob", TensorProto.FLOAT, [2]))
+    folded, n = fold_pads_into_convs(model)
+    assert n == 1 and {i.name for i in folded.graph.initializer} == {"w", "knob"}
+
+
+def _conv_then(op: str, **attrs) -> onnx.ModelProto:
+    w = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["c"], ["y"], **attrs)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 9, 10])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op, attrs, ops", [
+    ("HardSwish", {}, ["Conv", "Add", "Clip", "Mul", "Mul"]),
+    ("HardSigmoid", {"alpha": 0.2, "beta": 0.4}, ["Conv", "Add", "Clip", "Mul"]),
+])
+def test_hard_activations_after_a_conv_become_add_clip_mul(op, attrs, ops):
+    model = _conv_then(op, **attrs)
+    rewritten, n = decompose_hard_activations(model)
+    assert n == 1 and [node.op_type for node in rewritten.graph.node] == ops
+    onnx.checker.check_model(rewritten, full_check=True)
+    x = np.random.default_rng(1).normal(size=(2, 3, 9, 10)).astype(np.float32) * 3
+    np.testing.assert_allclose(_run(rewritten, x), _run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def _hard_net():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class SE(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, c, 1)
+
+        def forward(self, x):
+            s = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish(),
+                        nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.Hardswish(), SE(16),
+                        nn.Conv2d(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.05, 0.2)  # activations spread over Hardswish's curved part
+    return net.eval()
+
+
+def test_hardswish_and_squeeze_excitation_run_in_int8_kernels(tmp_path):
+    """MobileNetV3's activations: Hardswish and the Hardsigmoid gate run as QLinearAdd / QLinearMul (the
+    division by 6 is a scale, no kernel), with no float op or Q/DQ pair left between the convolutions."""
+    torch = pytest.importorskip("torch")
+    from ortq.export import export
+
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(16, 3, 16, 16)).astype(np.float32)
+    export(_hard_net(), tmp_path / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["x"],
+           output_names=["logits"])
+    np.savez(tmp_path / "calib.npz", x=calib)
+    q = ORTQuantizer.from_pretrained(tmp_path / "fp32")
+    q.show_progress = False
+    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"),
+                      calibration_config=CalibrationConfig(batch_size=8))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    placement = inspect_placement(path, "cpu", {"x": x[:2]}, runs=1)
+    assert placement.convolutions == {"total": 5, "int8": 5, "float": 0}
+    # 2 Hardswish (an Add and a Mul each) and the SE gate (an Add, then the Mul by the block's input)
+    assert placement.qlinear_elementwise == {"QLinearAdd": 3, "QLinearMul": 3, "QLinearGlobalAveragePool": 2}
+    assert placement.unfused_qdq == {"QuantizeLinear": 1}  # the graph input only
+    report = json.loads((path.parent / "quantization_report.json").read_text())
+    assert report["prepare"]["hard_activations"] == 3
+    assert len(report["plan"]["rescaled_outputs"]) == 3
+    ref = create_session(tmp_path / "fp32" / "model.onnx").run(None, {"x": x})[0]
+    out = create_session(path).run(None, {"x": x})[0]
+    cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
+    assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("factor", [0.5, -0.5])
+def test_mul_by_a_scalar_between_int8_convs(factor):
+    """A Mul by a positive scalar is a change of scale (no node left); by a negative one, a QLinearMul with
+    the constant quantized on the activations' type."""
+    import onnx_ir as ir
+
+    from ortq.calibrators.base import TensorRange
+    from ortq.passes.insert_qdq import insert_qdq
+    from ortq.passes.plan import make_plan
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[1, 1], name="conv1"),
+             helper.make_node("Mul", ["a", "k"], ["b"], name="scale"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], kernel_shape=[1, 1], name="conv2")]
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array(factor, np.float32), "k"),
+             numpy_helper.from_array(rng.normal(size=(2, 4, 1, 1)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 5, 5])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    a = _run(helper.make_model(helper.make_graph(nodes[:1], "a", graph.input, [helper.make_tensor_value_info(
+        "a", TensorProto.FLOAT, None)], initializer=inits[:1]), opset_imports=proto.opset_import), x)
+    lo, hi = float(a.min()), float(a.max())
+    ranges = {"x": TensorRange(float(x.min()), float(x.max()), x.size, 0), "a": TensorRange(lo, hi, a.size, 0),
+              "b": TensorRange(min(lo * factor, hi * factor), max(lo * factor, hi * factor), a.size, 0)}
+    model = ir.from_proto(proto)
+    plan = make_plan(model, QuantizationConfig(), ranges)
+    out = ir.to_proto(insert_qdq(model, plan))
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    if factor > 0:
+        assert plan.rescaled == {"b": "a"} and "Mul" not in ops and "k" not in plan.weights
+        assert np.isclose(float(plan.activations["b"].scale), float(plan.activations["a"].scale) * factor)
+    else:
+        assert plan.rescaled == {} and "Mul" in ops and "k" in plan.weights
+    np.testing.assert_allclose(_run(out, x), _run(proto, x), atol=0.05 * np.abs(_run(proto, x)).max())
