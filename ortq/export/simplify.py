@@ -30,6 +30,8 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from ortq.passes.initializers import add_initializer
+
 logger = logging.getLogger(__name__)
 
 GQA = "GroupQueryAttention"
@@ -164,7 +166,7 @@ def pack_qkv(model: ir.Model) -> int:
         if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
             continue
         base = f"{node.name.rsplit('/', 1)[0]}/qkv_proj"
-        w_val = _initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
+        w_val = add_initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
         matmul = ir.node("MatMul", [x, w_val], name=f"{base}/MatMul")
         matmul.outputs[0].name = f"{base}/MatMul_output_0"
         new = [matmul]
@@ -172,7 +174,7 @@ def pack_qkv(model: ir.Model) -> int:
         if any(p[2] is not None for p in parts):
             biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(w.shape[1], w.dtype)
                       for p, w in zip(parts, weights, strict=True)]
-            b_val = _initializer(graph, f"{base}.bias", np.concatenate(biases))
+            b_val = add_initializer(graph, f"{base}.bias", np.concatenate(biases))
             add = ir.node("Add", [qkv, b_val], name=f"{base}/Add")
             add.outputs[0].name = f"{base}/Add_output_0"
             new.append(add)
@@ -203,8 +205,8 @@ def pack_siblings(model: ir.Model) -> int:
         if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
             continue
         base = f"{nodes[0].name.rsplit('/', 2)[0]}/packed"
-        w_val = _initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
-        sizes = _initializer(graph, f"{base}.split", np.array([w.shape[1] for w in weights], np.int64))
+        w_val = add_initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
+        sizes = add_initializer(graph, f"{base}.split", np.array([w.shape[1] for w in weights], np.int64))
         matmul = ir.node("MatMul", [nodes[0].inputs[0], w_val], name=f"{base}/MatMul")
         matmul.outputs[0].name = f"{base}/MatMul_output_0"
         split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes),
@@ -217,14 +219,6 @@ def pack_siblings(model: ir.Model) -> int:
             n.outputs[0].replace_all_uses_with(out)
         packed += 1
     return packed
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
