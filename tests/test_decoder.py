@@ -126,18 +126,19 @@ def _tiny(name):
     from conftest import _tokenizer
 
     tok = _tokenizer()
-    common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # head_dim 16: ONNX Runtime rotates inside GroupQueryAttention from there, so the fused rotary is covered
+    common = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128)
     T = transformers
     configs = {
         "qwen2": lambda: (T.Qwen2Config(num_key_value_heads=2, **common), T.Qwen2ForCausalLM),
-        "qwen3": lambda: (T.Qwen3Config(num_key_value_heads=2, head_dim=8, **common), T.Qwen3ForCausalLM),
+        "qwen3": lambda: (T.Qwen3Config(num_key_value_heads=2, head_dim=16, **common), T.Qwen3ForCausalLM),
         "mistral": lambda: (T.MistralConfig(num_key_value_heads=2, **common), T.MistralForCausalLM),
         "phi3": lambda: (T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common), T.Phi3ForCausalLM),
-        "gemma": lambda: (T.GemmaConfig(num_key_value_heads=1, head_dim=8, **common), T.GemmaForCausalLM),
+        "gemma": lambda: (T.GemmaConfig(num_key_value_heads=1, head_dim=16, **common), T.GemmaForCausalLM),
         "gpt2": lambda: (T.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128),
                          T.GPT2LMHeadModel),
-        "gpt_neox": lambda: (T.GPTNeoXConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+        "gpt_neox": lambda: (T.GPTNeoXConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              max_position_embeddings=128), T.GPTNeoXForCausalLM),
     }
@@ -163,6 +164,11 @@ def test_architectures_export_with_past_and_generate_like_transformers(arch, tmp
     assert result.task == "causal-lm" and "present.1.value" in result.output_names
     assert result.attention == "GroupQueryAttention"
     assert result.max_rel_diff < 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    # the whole-head rotate_half rotations go inside the op; GPT-NeoX rotates a quarter of the head, GPT-2 none
+    assert attrs.get("do_rotary", 0) == (arch not in ("gpt2", "gpt_neox"))
     got = Generator(tmp_path / "onnx").generate(PROMPT, max_new_tokens=12)
     assert got.token_ids == _hf_greedy(src, PROMPT, len(got.token_ids))
 
