@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ from ortq.tasks import is_past_input
 logger = logging.getLogger(__name__)
 
 ENGINES = ("ort", "genai")
+
+
+def context_length(folder: str | os.PathLike) -> int | None:
+    """The context a decoder folder's ``config.json`` gives (positions it was trained for), or None."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    return None
 
 
 @dataclasses.dataclass
@@ -131,7 +142,7 @@ class Generator:
                 "for every token; export the model with `ortq export MODEL --task causal-lm`"
             )
         self.inputs = specs
-        self.context_length = self._context_length()
+        self.context_length = context_length(self.folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.eos = self._eos_ids()
         if engine == "genai":
@@ -144,17 +155,6 @@ class Generator:
             self.session = create_session(
                 self.path, provider=provider, settings=SessionSettings(threads=threads), what=str(self.path)
             )
-
-    def _config(self) -> dict[str, Any]:
-        path = self.folder / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def _context_length(self) -> int | None:
-        config = self._config()
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(config.get(key), int) and config[key] > 0:
-                return int(config[key])
-        return None
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -22,6 +22,13 @@ def test_a_model_against_itself_agrees_fully(tiny_llama_dir):
     assert r["generation"]["tokens_per_s"]["quantized"]["prefill"] > 0 and r["peak_rss_mb"] > 0
 
 
+def test_passages_are_cut_to_the_models_context(tiny_llama_dir):
+    """The tiny Llama's context is 256 positions: longer passages would index past its position tables."""
+    r = evaluate_generative(tiny_llama_dir, tiny_llama_dir, {"docs": passages("python-docs", "heldout", 1)},
+                            max_length=4096, prompts=(), threads=1)
+    assert r["max_length"] == 256 and r["domains"]["docs"]["tokens"] <= 255
+
+
 def test_int4_default_on_a_kv_cache_model_without_data(tiny_llama_dir, tmp_path):
     # The default (gptq) without data calibrates on mixed passages through the KV-cache graph.
     q = ORTQuantizer.from_pretrained(tiny_llama_dir)

@@ -35,7 +35,7 @@ import onnx
 from ortq.corpus import news_path, passages
 from ortq.data import graph_inputs, load_tokenizer
 from ortq.errors import CalibrationDataError, ConfigError, ModelError
-from ortq.generate import Generator
+from ortq.generate import Generator, context_length
 from ortq.io import resolve_model_path
 from ortq.runtime import SessionSettings, create_session
 from ortq.tasks import is_past_input
@@ -240,6 +240,10 @@ def evaluate_generative(
     tokenizer = load_tokenizer(ref.path.parent)
     if tokenizer is None:
         raise ModelError(f"{ref.path.parent}: no tokenizer files beside the reference model")
+    context = context_length(ref.path.parent)
+    if context is not None and context < max_length:
+        logger.info("passages cut to the model's context of %d tokens", context)
+        max_length = context
     out: dict[str, Any] = {"max_length": max_length, "threads": threads, "domains": {}}
     for domain, domain_texts in texts.items():
         rows = token_rows(tokenizer, domain_texts, max_length)
