@@ -282,6 +282,7 @@ class WeightOnlyConfig(_JsonConfig):
     int8_block_size: int | None = None
     tune_cpu_kernels: bool = True
     keep_source_grid: bool = True
+    sensitive_budget: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
@@ -297,6 +298,9 @@ class WeightOnlyConfig(_JsonConfig):
         b8 = self.int8_block_size
         if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
             raise ConfigError(f"int8_block_size must be a power of two >= 16, got {b8!r}")
+        sb = self.sensitive_budget
+        if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0.0 <= sb <= 4.0:
+            raise ConfigError(f"sensitive_budget must be a fraction >= 0 (of the base layers' bytes), got {sb!r}")
 
 
 

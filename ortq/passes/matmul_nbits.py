@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from ortq.passes._int4 import BlockQuantized, SourceGrid, find_source_grid, quantize_gptq, quantize_rtn
+from ortq.passes._int4 import BlockQuantized, SourceGrid, exact_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
 from ortq.passes.gather_quant import (
     MS_DOMAIN,
@@ -46,6 +46,7 @@ from ortq.passes.gather_quant import (
     swap_output,
 )
 from ortq.passes.initializers import add_initializer, block_initializers, drop_unused_initializers
+from ortq.passes.weight_budget import Upgrade, choose_upgrades, int8_bytes, relative_errors, stored_bytes
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -208,16 +209,78 @@ def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[s
     return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
 
 
-def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
-    deq = bq.dequantize()
-    d = (w_t - deq).astype(np.float64)
-    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
-    if isinstance(xtx, np.ndarray):
-        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
-        wd = w_t.astype(np.float64)
-        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
-        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
-    return out
+@dataclass
+class _Plan:
+    """How one weight is stored: its blocks, the source grid carried (if any) and its report entry."""
+
+    site: _MatMulSite
+    bq: BlockQuantized
+    grid: SourceGrid | None
+    entry: dict[str, Any]
+
+
+def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
+          hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool) -> _Plan:
+    """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``)."""
+    k, n = site.w.shape
+    bs, sym = _layer_format(config, bits, k)
+    w_t = np.ascontiguousarray(site.w.T)
+    act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
+    xtx = hessians.get(act)
+    tied = bool(site.tied_gather)
+    importance = mean_squares.get(act) if not tied else None
+    grid = exact_source_grid(w_t, bits, config.block_size) if keep_grid else None
+    if grid is not None and grid.offsets is not None and tied:
+        grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
+    if grid is not None:
+        bq = grid.blocks
+        bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
+    elif algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not tied and bits == 4:
+        bq, algo = quantize_gptq(w_t, xtx, bits, bs, sym), "gptq"
+    else:
+        bq = quantize_rtn(w_t, bits, bs, sym, importance=importance)
+        algo = "rtn" + ("+act" if importance is not None else "")
+    entry: dict[str, Any] = {
+        "node": site.name,
+        "op": "MatMulNBits",
+        "bits": bq.bits,
+        "block_size": bs,
+        "symmetric": sym,
+        "shape": [k, n],
+        "algorithm": algo,
+        "grid": "carried" if grid is not None else "requantized",
+        **(relative_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
+    }
+    if grid is not None and grid.offsets is not None:
+        entry["block_offsets"] = True
+    if site.why_bits:
+        entry["bits_reason"] = site.why_bits
+    return _Plan(site, bq, grid, entry)
+
+
+def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm,
+             hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray]) -> None:
+    """Upgrade the most sensitive base-format layers within ``config.sensitive_budget`` (see
+    :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
+    base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
+    budget = config.sensitive_budget * sum(stored_bytes(p.bq) for p in base.values())
+    candidates = []
+    for key, p in base.items():
+        k, n = p.site.w.shape
+        error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
+        grid = exact_source_grid(np.ascontiguousarray(p.site.w.T), 8, config.block_size)
+        if grid is not None and not (grid.offsets is not None and p.site.tied_gather):
+            candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid) - stored_bytes(p.bq)))
+        else:
+            extra = int8_bytes(n, k, _layer_format(config, 8, k)[0]) - stored_bytes(p.bq)
+            candidates.append(Upgrade(key, error, error / 16, extra))
+    for key in choose_upgrades(candidates, budget):
+        old = plans[key]
+        plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True)
+        new.entry["bits_reason"] = (
+            f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
+            f"at {config.bits} bits"
+        )
 
 
 def _layer_format(config: WeightOnlyConfig, bits: int, k: int) -> tuple[int, bool]:
@@ -300,60 +363,41 @@ def quantize_weight_only(
     mean_squares = mean_squares or {}
     hessians = hessians or {}
     _ensure_opset(model)
-    block_sums: dict[tuple[str, int], ir.Value] = {}
-    nodes_report: list[dict[str, Any]] = []
-    bytes_before = bytes_after = 0
-    made: dict[tuple, tuple] = {}  # (weight, bits, block, symmetric) -> its initializers: shared weights once
-    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
+    # 1. Every layer in its format (one plan per distinct weight and format: a shared weight is stored once).
+    plans: dict[tuple, _Plan] = {}
+    keys: list[tuple] = []
     for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.w.shape
         bs, sym = _layer_format(config, site.bits, k)
-        key = (id(site.weight), site.bits, bs, sym)
-        if key in made and not site.tied_gather:
-            bq, values, entry0, grid0 = made[key]
-            _replace_matmul(graph, site, bq, config, values=values, grid=grid0, block_sums=block_sums)
-            entry0.setdefault("shared_with", []).append(site.name)
+        key = (id(site.weight), site.bits, bs, sym) + ((id(site),) if site.tied_gather else ())
+        keys.append(key)
+        if key not in plans:
+            plans[key] = _plan(site, config, algorithm, site.bits, hessians, mean_squares,
+                               keep_grid=config.keep_source_grid)
+    # 2. The most sensitive layers upgraded within the byte budget.
+    if config.sensitive_budget and config.bits < 8:
+        _upgrade(plans, config, algorithm, hessians, mean_squares)
+
+    # 3. The graph.
+    block_sums: dict[tuple[str, int], ir.Value] = {}
+    nodes_report: list[dict[str, Any]] = []
+    bytes_before = bytes_after = 0
+    made: dict[tuple, tuple] = {}  # plan key -> its initializers
+    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
+    for site, key in zip(sites, keys):
+        plan = plans[key]
+        bq, grid, entry = plan.bq, plan.grid, plan.entry
+        k, n = site.w.shape
+        if key in made:
+            _replace_matmul(graph, site, bq, config, values=made[key], grid=grid, block_sums=block_sums)
+            entry.setdefault("shared_with", []).append(site.name)
             continue
-        w_t = np.ascontiguousarray(site.w.T)
-        act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
-        xtx = hessians.get(act)
-        importance = mean_squares.get(act) if not site.tied_gather else None
-        use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
-        grid = _source_grid(w_t, site.bits, config.block_size) if config.keep_source_grid else None
-        if grid is not None and grid.offsets is not None and site.tied_gather:
-            grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
-        if grid is not None:
-            bq = grid.blocks
-            bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
-        elif use_gptq and site.bits == 4:
-            bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
-            algo = "gptq"
-        else:
-            bq = quantize_rtn(w_t, site.bits, bs, sym, importance=importance)
-            algo = "rtn" + ("+act" if importance is not None else "")
-        entry: dict[str, Any] = {
-            "node": site.name,
-            "op": "MatMulNBits",
-            "bits": bq.bits,
-            "block_size": bs,
-            "symmetric": sym,
-            "shape": [k, n],
-            "algorithm": algo,
-            "grid": "carried" if grid is not None else "requantized",
-            **(_rel_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
-        }
-        if grid is not None and grid.offsets is not None:
-            entry["block_offsets"] = True
-        if site.why_bits:
-            entry["bits_reason"] = site.why_bits
         before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
         for g in site.tied_gather:
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
-        after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
+        after = stored_bytes(bq, grid) + (site.bias.nbytes if site.bias is not None else 0)
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums)
-        made[key] = (bq, (b_val, s_val, z_val), entry, grid)
-        if grid is not None and grid.offsets is not None:
-            after += grid.offsets.nbytes
+        made[key] = (b_val, s_val, z_val)
         for g in site.tied_gather:
             old_table = g.inputs[0]
             if id(old_table) in made_gathers:
@@ -361,7 +405,7 @@ def quantize_weight_only(
                 drop_unused_initializers(graph, [old_table])
                 entry.setdefault("tied_gathers", []).append(g.name)
                 continue
-            shared = (b_val, s_val, z_val) if k % bs == 0 else None
+            shared = (b_val, s_val, z_val) if k % bq.block_size == 0 else None
             made_gathers[id(old_table)] = replace_gather(graph, g, bq, shared=shared)
             if shared is None:
                 after += bq.nbytes()
@@ -403,7 +447,7 @@ def quantize_weight_only(
                 "symmetric": sym,
                 "shape": list(table.shape),
                 "algorithm": "rtn",
-                **_rel_errors(table, bq, None),
+                **relative_errors(table, bq, None),
                 "bytes_before": before,
                 "bytes_after": after,
             }
@@ -431,15 +475,6 @@ def quantize_weight_only(
         bytes_after / 1e6,
     )
     return model, report
-
-
-def _source_grid(w_t: np.ndarray, bits: int, block_size: int) -> SourceGrid | None:
-    """The exact grid ``w_t`` lies on: 4 bits first (also for an 8-bit layer), then ``bits``."""
-    for b in dict.fromkeys((4, bits)):
-        grid = find_source_grid(w_t, b, block_size)
-        if grid is not None:
-            return grid
-    return None
 
 
 def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: SourceGrid,
