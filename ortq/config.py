@@ -283,6 +283,7 @@ class WeightOnlyConfig(_JsonConfig):
     tune_cpu_kernels: bool = True
     keep_source_grid: bool = True
     sensitive_budget: float = 0.0
+    float16_scales: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))

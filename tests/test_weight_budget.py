@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from ortq.config import WeightOnlyConfig
 from ortq.errors import ConfigError
 from ortq.passes.weight_budget import Upgrade, choose_upgrades
-from tests.test_matmul_nbits import _mlp_model, _quantize
+from tests.test_matmul_nbits import _mlp_model, _quantize, _run
 from tests.test_source_grid import q4_1
 
 
@@ -86,3 +86,47 @@ def test_sensitive_budget_is_validated():
         except ConfigError:
             continue
         raise AssertionError(f"{bad!r} accepted")
+
+
+def test_float16_scales_halve_the_scale_bytes_and_keep_the_answer():
+    rng = np.random.default_rng(4)
+    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=True)
+    f32 = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, float16_scales=False)
+    q32, r32 = _quantize(proto, f32)
+    q16, r16 = _quantize(proto, dataclasses.replace(f32, float16_scales=True))
+    assert {e["scales"] for e in r16["nodes"]} == {"float16"} and {e["scales"] for e in r32["nodes"]} == {"float32"}
+    scale_bytes = 4 * (64 * 2 + 48 * 2)  # [N, K/32] float32 scales of fc1 and fc2
+    assert r32["bytes_after"] - r16["bytes_after"] == scale_bytes // 2
+    assert sum(t.data_type == TensorProto.FLOAT16 for t in q16.graph.initializer) == 2
+    a = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(q16, {"A": a}), _run(q32, {"A": a}), rtol=2e-3, atol=2e-3)
+
+
+def test_scales_outside_float16_stay_float32():
+    rng = np.random.default_rng(5)
+    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=False)
+    for t in proto.graph.initializer:
+        if t.name == "W1":  # |w| ~ 1e-9: scales below float16's normal range
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1e-8), "W1"))
+    _, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False))
+    scales = {e["node"]: e["scales"] for e in report["nodes"]}
+    assert scales == {"fc1": "float32", "fc2": "float16"}
+
+
+def test_carried_q4_1_with_float16_offsets_matches_the_float_model():
+    rng = np.random.default_rng(6)
+    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=False)
+    w1 = q4_1(rng, 64, 64).T.copy()
+    for t in proto.graph.initializer:
+        if t.name == "W1":
+            t.CopyFrom(numpy_helper.from_array(w1, "W1"))
+    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False))
+    fc1 = next(e for e in report["nodes"] if e["node"] == "fc1")
+    assert fc1["grid"] == "carried" and fc1["block_offsets"] == "float16" and fc1["scales"] == "float16"
+    a = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    ref = _run(proto, {"A": a})
+    assert np.abs(_run(qproto, {"A": a}) - ref).max() < 0.1 * np.abs(ref).max()  # fc2 is requantized
+    # fc1 alone (fc2 left in float) gives the float answer up to float16 offsets.
+    keep = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, nodes_to_exclude=("fc2",))
+    q1, _ = _quantize(proto, keep)
+    np.testing.assert_allclose(_run(q1, {"A": a}), ref, rtol=1e-3, atol=1e-3)

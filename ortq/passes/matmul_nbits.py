@@ -38,15 +38,21 @@ import onnx_ir as ir
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
 from ortq.passes._int4 import BlockQuantized, SourceGrid, exact_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
-from ortq.passes.gather_quant import (
-    MS_DOMAIN,
-    gather_table,
-    replace_gather,
-    share_gather,
-    swap_output,
+from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather, share_gather, swap_output
+from ortq.passes.initializers import (
+    add_initializer,
+    block_initializers,
+    drop_unused_initializers,
+    float16_constant,
 )
-from ortq.passes.initializers import add_initializer, block_initializers, drop_unused_initializers
-from ortq.passes.weight_budget import Upgrade, choose_upgrades, int8_bytes, relative_errors, stored_bytes
+from ortq.passes.weight_budget import (
+    Upgrade,
+    choose_upgrades,
+    int8_bytes,
+    relative_errors,
+    stored_bytes,
+    to_float16,
+)
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -217,6 +223,7 @@ class _Plan:
     bq: BlockQuantized
     grid: SourceGrid | None
     entry: dict[str, Any]
+    float16: bool = False  # scales (and offsets) stored in float16
 
 
 def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
@@ -240,6 +247,9 @@ def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgo
     else:
         bq = quantize_rtn(w_t, bits, bs, sym, importance=importance)
         algo = "rtn" + ("+act" if importance is not None else "")
+    half = to_float16(bq, grid) if config.float16_scales else None
+    if half is not None:
+        bq, grid = half
     entry: dict[str, Any] = {
         "node": site.name,
         "op": "MatMulNBits",
@@ -252,10 +262,11 @@ def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgo
         **(relative_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
     }
     if grid is not None and grid.offsets is not None:
-        entry["block_offsets"] = True
+        entry["block_offsets"] = "float16" if half is not None else "float32"
+    entry["scales"] = "float16" if half is not None else "float32"
     if site.why_bits:
         entry["bits_reason"] = site.why_bits
-    return _Plan(site, bq, grid, entry)
+    return _Plan(site, bq, grid, entry, half is not None)
 
 
 def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm,
@@ -263,16 +274,17 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
     """Upgrade the most sensitive base-format layers within ``config.sensitive_budget`` (see
     :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
     base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
-    budget = config.sensitive_budget * sum(stored_bytes(p.bq) for p in base.values())
+    budget = config.sensitive_budget * sum(stored_bytes(p.bq, float16=p.float16) for p in base.values())
     candidates = []
     for key, p in base.items():
         k, n = p.site.w.shape
         error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
+        now = stored_bytes(p.bq, float16=p.float16)
         grid = exact_source_grid(np.ascontiguousarray(p.site.w.T), 8, config.block_size)
         if grid is not None and not (grid.offsets is not None and p.site.tied_gather):
-            candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid) - stored_bytes(p.bq)))
+            candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
         else:
-            extra = int8_bytes(n, k, _layer_format(config, 8, k)[0]) - stored_bytes(p.bq)
+            extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
             candidates.append(Upgrade(key, error, error / 16, extra))
     for key in choose_upgrades(candidates, budget):
         old = plans[key]
@@ -389,14 +401,16 @@ def quantize_weight_only(
         bq, grid, entry = plan.bq, plan.grid, plan.entry
         k, n = site.w.shape
         if key in made:
-            _replace_matmul(graph, site, bq, config, values=made[key], grid=grid, block_sums=block_sums)
+            _replace_matmul(graph, site, bq, config, values=made[key], grid=grid, block_sums=block_sums,
+                            float16=plan.float16)
             entry.setdefault("shared_with", []).append(site.name)
             continue
         before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
         for g in site.tied_gather:
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
-        after = stored_bytes(bq, grid) + (site.bias.nbytes if site.bias is not None else 0)
-        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums)
+        after = stored_bytes(bq, grid, float16=plan.float16) + (site.bias.nbytes if site.bias is not None else 0)
+        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums,
+                                              float16=plan.float16)
         made[key] = (b_val, s_val, z_val)
         for g in site.tied_gather:
             old_table = g.inputs[0]
@@ -408,7 +422,7 @@ def quantize_weight_only(
             shared = (b_val, s_val, z_val) if k % bq.block_size == 0 else None
             made_gathers[id(old_table)] = replace_gather(graph, g, bq, shared=shared)
             if shared is None:
-                after += bq.nbytes()
+                after += stored_bytes(bq)
             drop_unused_initializers(graph, [old_table])
             entry.setdefault("tied_gathers", []).append(g.name)
         entry["bytes_before"], entry["bytes_after"] = before, after
@@ -478,7 +492,7 @@ def quantize_weight_only(
 
 
 def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: SourceGrid,
-                 block_sums: dict[tuple[str, int], ir.Value]) -> ir.Node:
+                 block_sums: dict[tuple[str, int], ir.Value], float16: bool) -> ir.Node:
     """``node``'s output plus ``(A @ E) @ C`` (see the module docstring); returns the final ``Add``."""
     a = site.node.inputs[0]
     k, n = site.w.shape
@@ -494,8 +508,8 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
         sum_node = ir.node("MatMul", [a, e_val], name=f"{site.name}_block_sums")
         nodes.append(sum_node)
         block_sums[key] = sum_node.outputs[0]
-    c_val = add_initializer(graph, f"{site.weight.name or site.name}_block_offsets",
-                            np.ascontiguousarray(grid.offsets.T, np.float32))
+    name, c = f"{site.weight.name or site.name}_block_offsets", np.ascontiguousarray(grid.offsets.T, np.float32)
+    c_val = float16_constant(graph, name, c) if float16 else add_initializer(graph, name, c)
     corr = ir.node("MatMul", [block_sums[key], c_val], name=f"{site.name}_offsets")
     add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{site.name}_plus_offsets")
     graph.insert_after(node, [*nodes, corr, add])
@@ -503,7 +517,8 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
 
 
 def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
-                    values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None):
+                    values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None,
+                    float16: bool = False):
     """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
     site replaced before); a carried source grid with offsets adds them after the op."""
     node = site.node
@@ -513,7 +528,7 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
         b_val, s_val, z_val = values
     else:
         b_val, s_val, z_val = block_initializers(
-            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
+            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits, float16_scales=float16
         )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
@@ -535,7 +550,7 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
     graph.insert_before(anchor, new)
     last = new
     if grid is not None and grid.offsets is not None:
-        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {})
+        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {}, float16)
     swap_output(graph, anchor, last)
     if site.bias_add is not None:
         graph.remove(node, safe=True)

@@ -11,6 +11,7 @@ when it does (a GGUF Q4_0 / Q4_1 / Q8_0 source: no error left, and fewer bytes t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -53,16 +54,41 @@ def choose_upgrades(candidates: Sequence[Upgrade], budget_bytes: float) -> list[
     return chosen
 
 
-def stored_bytes(bq: BlockQuantized, grid: SourceGrid | None = None) -> int:
-    """Bytes of a layer in the file: codes, scales, zero points, and a carried grid's block offsets."""
-    extra = grid.offsets.nbytes if grid is not None and grid.offsets is not None else 0
-    return bq.nbytes() + extra
+def stored_bytes(bq: BlockQuantized, grid: SourceGrid | None = None, *, float16: bool = False) -> int:
+    """Bytes of a layer in the file: codes, scales (float32, or float16), zero points, and a carried grid's
+    block offsets (as the scales)."""
+    size = bq.nbytes() - (bq.scales.nbytes // 2 if float16 else 0)
+    if grid is not None and grid.offsets is not None:
+        size += grid.offsets.size * (2 if float16 else 4)
+    return size
 
 
-def int8_bytes(rows: int, k: int, block_size: int) -> int:
-    """Bytes of ``[rows, k]`` in symmetric 8-bit blocks (codes and float32 scales)."""
+def to_float16(bq: BlockQuantized, grid: SourceGrid | None) -> tuple[BlockQuantized, SourceGrid | None] | None:
+    """The blocks with their scales (and a grid's offsets) rounded to float16, or None where that is not safe:
+    a non-finite or vanished value, a scale more than 0.1 % off, or a carried grid's scale that is not exactly
+    float16 already (a GGUF scale is). The codes stay; a requantized layer's error is measured afterwards."""
+    s16 = bq.scales.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rel = np.abs(s16 - bq.scales) / np.where(bq.scales != 0, np.abs(bq.scales), 1.0)
+    if not np.isfinite(s16).all() or ((s16 == 0) != (bq.scales == 0)).any() or rel.max(initial=0.0) > 1e-3:
+        return None
+    if grid is not None and not np.array_equal(s16, bq.scales):
+        return None
+    new = dataclasses.replace(bq, scales=s16)
+    if grid is None:
+        return new, None
+    offsets = grid.offsets
+    if offsets is not None:
+        offsets = offsets.astype(np.float16).astype(np.float32)
+        if not np.isfinite(offsets).all():
+            return None
+    return new, SourceGrid(new, offsets)
+
+
+def int8_bytes(rows: int, k: int, block_size: int, *, scale_bytes: int = 4) -> int:
+    """Bytes of ``[rows, k]`` in symmetric 8-bit blocks (codes and scales of ``scale_bytes``)."""
     nb = -(-k // block_size)
-    return rows * nb * block_size + rows * nb * np.dtype(np.float32).itemsize
+    return rows * nb * block_size + rows * nb * scale_bytes
 
 
 def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
