@@ -130,3 +130,19 @@ def test_carried_q4_1_with_float16_offsets_matches_the_float_model():
     keep = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, nodes_to_exclude=("fc2",))
     q1, _ = _quantize(proto, keep)
     np.testing.assert_allclose(_run(q1, {"A": a}), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_weights_that_carry_their_grid_need_no_statistics():
+    import onnx_ir as ir
+
+    from ortq.passes.matmul_nbits import weight_only_activations
+
+    rng = np.random.default_rng(7)
+    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=False)
+    for t in proto.graph.initializer:
+        if t.name == "W1":
+            t.CopyFrom(numpy_helper.from_array(q4_1(rng, 64, 64).T.copy(), "W1"))
+    model = ir.from_proto(proto)
+    assert weight_only_activations(model, WeightOnlyConfig()) == ["r"]  # fc2's input: fc1 carries its grid
+    assert weight_only_activations(model, WeightOnlyConfig(keep_source_grid=False)) == ["A", "r"]
+    assert weight_only_activations(model, WeightOnlyConfig(sensitive_budget=0.1)) == ["A", "r"]

@@ -210,9 +210,12 @@ def _gemm_site(node: ir.Node, name: str, config: WeightOnlyConfig, skipped: dict
 
 def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
     """The activations multiplied by the weights :class:`MatMulNBitsPass` would quantize: those whose
-    statistics (mean squares, Hessians) the data-aware algorithms read."""
+    statistics (mean squares, Hessians) the data-aware algorithms read. A weight that will carry its source
+    grid (``keep_source_grid`` without a ``sensitive_budget``) needs none."""
     sites, _ = _find_sites(model.graph, config, {})
-    return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
+    carry = config.keep_source_grid and not config.sensitive_budget
+    return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None
+                   and not (carry and exact_source_grid(np.ascontiguousarray(s.w.T), 8, config.block_size) is not None)})
 
 
 @dataclass
