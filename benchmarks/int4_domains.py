@@ -44,15 +44,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 
 # name -> (description, WeightOnlyConfig overrides)
+_CARRY = {"keep_source_grid": True, "symmetric": False, "sensitive_budget": 0.0}
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("default: GGUF grid carried, float16 scales and offsets", {}),
-    "carried-fp32": ("GGUF grid carried, float32 scales and offsets (old default)", {"float16_scales": False}),
+    "default": ("default: gptq symmetric + sensitive_budget 0.1 (the most sensitive layers carry their grid), "
+                "float16 scales", {}),
+    "keep-grid": ("GGUF grid carried everywhere (`--keep-source-grid`), float16 scales and offsets", dict(_CARRY)),
+    "old-default": ("GGUF grid carried everywhere, float32 scales and offsets (old default)",
+                    {**_CARRY, "float16_scales": False}),
     "gptq-asym-fp32": ("re-quantized: gptq asymmetric, float32 scales (old default without the grid)",
-                       {"keep_source_grid": False, "float16_scales": False}),
-    "gptq-asym": ("re-quantized: gptq asymmetric, float16 scales", {"keep_source_grid": False}),
-    "gptq-sym": ("re-quantized: gptq symmetric, float16 scales", {"keep_source_grid": False, "symmetric": True}),
-    "gptq-sym-budget": ("gptq symmetric + sensitive_budget 0.08 (most sensitive layers carry their grid)",
-                        {"keep_source_grid": False, "symmetric": True, "sensitive_budget": 0.08}),
+                       {"keep_source_grid": False, "symmetric": False, "sensitive_budget": 0.0,
+                        "float16_scales": False}),
+    "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 
 
@@ -81,6 +83,20 @@ def _quantize(quantizer: ORTQuantizer, config: WeightOnlyConfig, stats: dict[str
     ir.save(model, out / "model.onnx", external_data="model.onnx.data")
     copy_side_files(quantizer.model_path.parent, out)
     return p.report
+
+
+def _write(args: argparse.Namespace, stats: dict[str, Any], results: list[dict]) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": host_info(),
+        "model": str(args.fp32),
+        "passages": args.passages,
+        "max_length": args.max_length,
+        "calibration": stats["calibration"],
+        "results": results,
+    }
+    args.output.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,20 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(f"{name:12s} in-domain {row['in_domain_pct']:+6.2f} %  news {row['news_pct']:+6.2f} %  "
               f"{row['mb']:6.1f} MB  ({q_s:.0f} s)", flush=True)
+        _write(args, stats, results)
     print("\n| recipe | in-domain | news | MB |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['description']} | {r['in_domain_pct']:+.1f} % | {r['news_pct']:+.1f} % | {r['mb']:.1f} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": host_info(),
-        "model": str(args.fp32),
-        "passages": args.passages,
-        "max_length": args.max_length,
-        "calibration": stats["calibration"],
-        "results": results,
-    }
-    args.output.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

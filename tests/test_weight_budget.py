@@ -120,15 +120,15 @@ def test_carried_q4_1_with_float16_offsets_matches_the_float_model():
     for t in proto.graph.initializer:
         if t.name == "W1":
             t.CopyFrom(numpy_helper.from_array(w1, "W1"))
-    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False))
+    carry = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, keep_source_grid=True)
+    qproto, report = _quantize(proto, carry)
     fc1 = next(e for e in report["nodes"] if e["node"] == "fc1")
     assert fc1["grid"] == "carried" and fc1["block_offsets"] == "float16" and fc1["scales"] == "float16"
     a = rng.standard_normal((2, 5, 64)).astype(np.float32)
     ref = _run(proto, {"A": a})
     assert np.abs(_run(qproto, {"A": a}) - ref).max() < 0.1 * np.abs(ref).max()  # fc2 is requantized
     # fc1 alone (fc2 left in float) gives the float answer up to float16 offsets.
-    keep = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, nodes_to_exclude=("fc2",))
-    q1, _ = _quantize(proto, keep)
+    q1, _ = _quantize(proto, dataclasses.replace(carry, nodes_to_exclude=("fc2",)))
     np.testing.assert_allclose(_run(q1, {"A": a}), ref, rtol=1e-3, atol=1e-3)
 
 
@@ -143,6 +143,7 @@ def test_weights_that_carry_their_grid_need_no_statistics():
         if t.name == "W1":
             t.CopyFrom(numpy_helper.from_array(q4_1(rng, 64, 64).T.copy(), "W1"))
     model = ir.from_proto(proto)
-    assert weight_only_activations(model, WeightOnlyConfig()) == ["r"]  # fc2's input: fc1 carries its grid
-    assert weight_only_activations(model, WeightOnlyConfig(keep_source_grid=False)) == ["A", "r"]
-    assert weight_only_activations(model, WeightOnlyConfig(sensitive_budget=0.1)) == ["A", "r"]
+    carry = WeightOnlyConfig(keep_source_grid=True, sensitive_budget=0.0)
+    assert weight_only_activations(model, carry) == ["r"]  # fc2's input: fc1 carries its grid
+    assert weight_only_activations(model, WeightOnlyConfig()) == ["A", "r"]  # the budget measures every layer
+    assert weight_only_activations(model, dataclasses.replace(carry, keep_source_grid=False)) == ["A", "r"]
