@@ -98,12 +98,11 @@ def _weight_only_config(args: argparse.Namespace):
     bits = {"int4": 4, "int8": 8}[args.weight_only]
     # Options left unset keep WeightOnlyConfig's defaults.
     optional = {"symmetric": args.symmetric, "keep_source_grid": args.keep_source_grid,
-                "sensitive_budget": args.sensitive_budget}
+                "sensitive_budget": args.sensitive_budget, "algorithm": args.algorithm}
     return WeightOnlyConfig(
         bits=bits,
         block_size=args.block_size,
         accuracy_level=None if args.accuracy_level == "unset" else int(args.accuracy_level),
-        algorithm=args.algorithm,
         int8_nodes=tuple(args.int8_nodes or ()),
         nodes_to_exclude=tuple(args.exclude or ()),
         auto_int8_sensitive=not args.no_auto_int8,
