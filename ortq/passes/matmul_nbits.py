@@ -20,7 +20,9 @@ time: a 4-bit grid is kept even where the layer asked for 8 bits. ``MatMulNBits`
 (float ones run a slow dequantizing path on CPU), so a Q4_1 block minimum that is not a whole number of steps
 is carried as a per-block offset ``C [n_blocks, N]``: ``Y = MatMulNBits(A) + (A @ E) @ C`` with ``E [K,
 n_blocks]`` the 0/1 block-membership matrix (``A @ E`` is computed once per activation). The report says
-per node ``"grid": "carried"`` or ``"requantized"``.
+per node ``"grid": "carried"`` or ``"requantized"``. With ``sensitive_budget`` every layer is planned in the
+base format first, then the most sensitive are upgraded (:mod:`ortq.passes.weight_budget`); with
+``float16_scales`` scales and offsets are float16 initializers behind a Cast ONNX Runtime folds at load.
 """
 
 from __future__ import annotations
