@@ -96,17 +96,19 @@ def _weight_only_config(args: argparse.Namespace):
     from ortq.config import WeightOnlyConfig
 
     bits = {"int4": 4, "int8": 8}[args.weight_only]
+    # Options left unset keep WeightOnlyConfig's defaults.
+    optional = {"symmetric": args.symmetric, "keep_source_grid": args.keep_source_grid,
+                "sensitive_budget": args.sensitive_budget, "algorithm": args.algorithm}
     return WeightOnlyConfig(
         bits=bits,
         block_size=args.block_size,
-        symmetric=args.symmetric,
         accuracy_level=None if args.accuracy_level == "unset" else int(args.accuracy_level),
-        algorithm=args.algorithm,
         int8_nodes=tuple(args.int8_nodes or ()),
         nodes_to_exclude=tuple(args.exclude or ()),
         auto_int8_sensitive=not args.no_auto_int8,
         quantize_embeddings=not args.no_quantize_embeddings,
         int8_block_size=args.int8_block_size,
+        **{k: v for k, v in optional.items() if v is not None},
     )
 
 
@@ -370,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size", type=_positive_int, default=32, help="weights per 4-bit scale (power of two >= 16; default 32)"
     )
-    p.add_argument("--symmetric", action="store_true", help="symmetric weight-only blocks")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric weight-only blocks, no zero points (default: WeightOnlyConfig's)")
+    p.add_argument("--keep-source-grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-only: carry every weight already on a block grid (GGUF Q4_0 / Q4_1 / Q8_0) as it is "
+                   "instead of re-quantizing it (default: WeightOnlyConfig's)")
+    p.add_argument("--sensitive-budget", type=float, default=None, metavar="FRACTION",
+                   help="weight-only: extra bytes, as a fraction of the 4-bit layers' bytes, for the layers with the "
+                   "largest measured error (their source grid, else 8 bits; 0: none)")
     p.add_argument(
         "--accuracy-level",
         choices=["0", "1", "2", "3", "4", "unset"],

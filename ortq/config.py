@@ -254,9 +254,9 @@ class WeightOnlyConfig(_JsonConfig):
         accuracy_level: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations, the fast CPU path).
         algorithm: gptq (default; data-aware: without calibration data a text model calibrates on
             mixed-domain passages, see :mod:`ortq.corpus`, and a model without a tokenizer falls back to rtn)
-            or rtn (round to nearest with a per-block clipping search). Chosen by perplexity on held-out
-            out-of-domain text (news) of SmolLM2-135M: gptq on mixed text +5.8 %, gptq on documentation alone
-            +11.4 %, rtn with activation weighting +8.7 %, plain rtn +27.6 %.
+            or rtn (round to nearest with a per-block clipping search), for the layers it re-quantizes. Chosen
+            by perplexity on held-out out-of-domain text (news) of SmolLM2-135M re-quantized: gptq on mixed text
+            +5.8 %, gptq on documentation alone +11.4 %, rtn with activation weighting +8.7 %, plain rtn +27.6 %.
         quantize_embeddings: large embedding Gathers become ``GatherBlockQuantized``.
         int8_nodes: node-name patterns (fnmatch) quantized to 8 bits instead.
         auto_int8_sensitive: also keep the most sensitive layers (the output projection / lm_head and an
@@ -265,14 +265,26 @@ class WeightOnlyConfig(_JsonConfig):
             that divides K (and is >= block_size), else block_size.
         nodes_to_exclude: node-name patterns (fnmatch) left in float.
         keep_source_grid: a weight that already lies exactly on a block grid (a GGUF Q4_0 / Q4_1 / Q8_0
-            source) keeps it, bit for bit, instead of being rounded again.
+            source) keeps it, bit for bit, instead of being rounded again (the default: on SmolLM2-135M's Q4_1
+            GGUF, +1.3 % / +1.4 % perplexity in-domain / on news at 99.8 MB, against +4.3 % / +5.6 % for
+            gptq re-quantization; ``benchmarks/int4_domains.py``).
+        sensitive_budget: extra bytes, as a fraction of the bytes of the layers in the base format, spent on the
+            layers whose measured error (relative output error on the calibration data) is largest per extra
+            byte: each gets the grid its weight lies on (a GGUF source), else 8 bits (k-quant style mixed
+            precision, chosen by measurement; :mod:`ortq.passes.weight_budget`). 0: none. E.g. symmetric gptq
+            with 0.08 on SmolLM2's GGUF: +2.8 % / +3.6 % at 95.4 MB, most layers without zero points.
+        float16_scales: block scales (and a carried grid's block offsets) stored in float16 and cast to
+            float32 by a constant ``Cast`` that ONNX Runtime folds when the session is created: half a bit per
+            weight less on disk, the same kernels. A scale float16 cannot hold within 0.1 % stays float32.
+            ONNX Runtime's ``MatMulNBits`` with ``accuracy_level`` 4 needs that folding: sessions with graph
+            optimizations disabled (``ORT_DISABLE_ALL``) compute wrong results with such a model.
     """
 
     KIND: ClassVar[str] = "weight_only"
 
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True
     accuracy_level: int | None = 4
     algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.GPTQ
     quantize_embeddings: bool = True
@@ -281,7 +293,9 @@ class WeightOnlyConfig(_JsonConfig):
     nodes_to_exclude: tuple[str, ...] = ()
     int8_block_size: int | None = None
     tune_cpu_kernels: bool = True
-    keep_source_grid: bool = True
+    keep_source_grid: bool = False
+    sensitive_budget: float = 0.1
+    float16_scales: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
@@ -297,6 +311,9 @@ class WeightOnlyConfig(_JsonConfig):
         b8 = self.int8_block_size
         if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
             raise ConfigError(f"int8_block_size must be a power of two >= 16, got {b8!r}")
+        sb = self.sensitive_budget
+        if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0.0 <= sb <= 4.0:
+            raise ConfigError(f"sensitive_budget must be a fraction >= 0 (of the base layers' bytes), got {sb!r}")
 
 
 

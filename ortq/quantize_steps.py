@@ -65,6 +65,10 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
     (shards run by ``engine``, see :mod:`ortq.calibrators.engine`)."""
     names = weight_only_activations(model, config)
     gptq = WeightOnlyAlgorithm(config.algorithm) == WeightOnlyAlgorithm.GPTQ
+    if not names:  # every weight carries its source grid: nothing to measure
+        return {"mean_squares": {}, "hessians": {} if gptq else None,
+                "calibration": {"tokens": 0, "activations": 0, "seconds": 0.0,
+                                "skipped": "every weight carries the block grid it lies on"}}
     start = time.perf_counter()
     stats = second_moments(model, names, batches, hessians=gptq, engine=engine)
     return {

@@ -120,3 +120,19 @@ def test_weight_only_that_quantizes_nothing_fails_without_output(tmp_path, capsy
     assert code != 0 and not (tmp_path / "int4").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing was quantized: weight-only 4-bit" in err[0]
+
+
+def test_weight_only_flags_left_unset_keep_the_config_defaults():
+    from ortq.cli import _weight_only_config, build_parser
+    from ortq.config import WeightOnlyConfig
+
+    def config(*flags):
+        args = build_parser().parse_args(["quantize", "m", "-o", "out", "--weight-only", "int4", *flags])
+        return _weight_only_config(args)
+
+    default = WeightOnlyConfig()
+    got = config()
+    assert (got.symmetric, got.keep_source_grid, got.sensitive_budget, got.float16_scales) == (
+        default.symmetric, default.keep_source_grid, default.sensitive_budget, default.float16_scales)
+    got = config("--no-symmetric", "--keep-source-grid", "--sensitive-budget", "0")
+    assert (got.symmetric, got.keep_source_grid, got.sensitive_budget) == (False, True, 0.0)

@@ -28,10 +28,11 @@ def _gemm(b: np.ndarray, c: np.ndarray, **attrs) -> onnx.ModelProto:
 
 
 def _on_grid(rng, n: int, k: int, block: int) -> np.ndarray:
-    """[N, K] weights exactly representable with symmetric 4-bit blocks (scale absmax / 7 per block)."""
+    """[N, K] weights exactly representable with symmetric 4-bit blocks (scale absmax / 7 per block, a float16
+    value as the scales are stored)."""
     codes = rng.integers(-7, 8, size=(n, k)).astype(np.float32)
     codes[:, ::block] = 7  # every block holds +7: its scale is exactly the chosen one
-    scales = rng.uniform(0.01, 0.05, size=(n, k // block)).astype(np.float32)
+    scales = rng.uniform(0.01, 0.05, size=(n, k // block)).astype(np.float16).astype(np.float32)
     return codes * np.repeat(scales, block, axis=1)
 
 
@@ -49,7 +50,7 @@ def test_gemm_transb_with_bias_becomes_matmulnbits_with_exact_answer():
                                                                                 accuracy_level=None))
     out = ir.to_proto(model)
     onnx.checker.check_model(out)
-    assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
+    assert [n.op_type for n in out.graph.node] == ["Cast", "MatMulNBits"]  # Cast: the float16 scales
     assert report["num_quantized"] == 1 and report["nodes"][0]["shape"] == [64, 24]
     x = rng.normal(size=(3, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), x @ w_nk.T + c, rtol=1e-4, atol=1e-4)

@@ -62,7 +62,11 @@ def _quantize(proto, config, calibration_batches=None, **kw):
 
 
 def _init(proto, name):
-    return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == name)
+    """An initializer by name; a float16 one read through its Cast (``float16_scales``) as float32."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    if name not in inits:
+        return numpy_helper.to_array(inits[name + "_f16"]).astype(np.float32)
+    return numpy_helper.to_array(inits[name])
 
 
 def _dequant_from_proto(proto, node: onnx.NodeProto) -> np.ndarray:

@@ -67,7 +67,7 @@ def test_pass_carries_q4_1_and_q4_0_grids_and_matches_the_float_model(bias):
     for t in proto.graph.initializer:
         if t.name in ("W1", "W2"):
             t.CopyFrom(numpy_helper.from_array({"W1": w1, "W2": w2}[t.name], t.name))
-    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None))
+    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, keep_source_grid=True))
     assert report["source_grid"] == {"carried": ["fc1", "fc2"], "requantized": []}
     by_node = {e["node"]: e for e in report["nodes"]}
     assert by_node["fc1"].get("block_offsets") and not by_node["fc2"].get("block_offsets")
@@ -77,6 +77,7 @@ def test_pass_carries_q4_1_and_q4_0_grids_and_matches_the_float_model(bias):
     a = rng.standard_normal((2, 5, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(qproto, {"A": a}), _run(proto, {"A": a}), rtol=1e-4, atol=1e-4)
 
-    _, again = _quantize(proto, WeightOnlyConfig(accuracy_level=None, keep_source_grid=False))
+    _, again = _quantize(proto, WeightOnlyConfig(accuracy_level=None, keep_source_grid=False, sensitive_budget=0.0,
+                                                symmetric=False))
     assert again["source_grid"]["carried"] == []
     assert all(e["weight_rel_rmse"] > 0 for e in again["nodes"])

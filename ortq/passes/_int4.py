@@ -486,6 +486,15 @@ def find_source_grid(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Sour
     return _checked(SourceGrid(blocks, offsets.reshape(rows, nb) if np.any(offsets != 0) else None), w)
 
 
+def exact_source_grid(w_t: np.ndarray, bits: int, block_size: int) -> SourceGrid | None:
+    """The exact grid ``w_t`` lies on: 4 bits first (also for an 8-bit layer), then ``bits``."""
+    for b in dict.fromkeys((4, bits)):
+        grid = find_source_grid(w_t, b, block_size)
+        if grid is not None:
+            return grid
+    return None
+
+
 def _checked(grid: SourceGrid, w: np.ndarray) -> SourceGrid | None:
     """``grid`` if it gives back exactly ``w`` (kernels compute ``(q - z) * s``, then the offset), else None."""
     return grid if np.array_equal(grid.dequantize(), w) else None

@@ -52,16 +52,32 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
         graph.insert_after(producer, nodes)
 
 
+def float16_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``array`` stored as a float16 initializer ``{name}_f16`` and read through a ``Cast`` to float32 at the
+    top of the graph, called ``name``: half the bytes on disk; ONNX Runtime folds the constant Cast when the
+    session is created, so kernels see a float32 initializer (exactly ``array`` when it is float16-exact)."""
+    half = add_initializer(graph, f"{name}_f16", np.asarray(array).astype(np.float16))
+    cast = ir.node("Cast", [half], {"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+    out = cast.outputs[0]
+    out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, ir.Shape(np.shape(array))
+    graph.insert_before(graph.node(0), cast)
+    return out
+
+
 def block_initializers(
     graph: ir.Graph, base: str, packed_codes: np.ndarray, scales: np.ndarray, packed_zero_points: np.ndarray | None,
-    bits: int,
+    bits: int, *, float16_scales: bool = False,
 ) -> tuple[ir.Value, ir.Value, ir.Value | None]:
     """Register the codes, scales and (optional) zero points of a block-quantized weight as
-    ``{base}_q{bits}``, ``{base}_scales`` and ``{base}_zero_points``."""
+    ``{base}_q{bits}``, ``{base}_scales`` and ``{base}_zero_points`` (the scales stored in float16 behind a
+    Cast with ``float16_scales``, see :func:`float16_constant`)."""
     data = ir.Value(name=f"{base}_q{bits}", const_value=ir.tensor(packed_codes))
-    scale = ir.Value(name=f"{base}_scales", const_value=ir.tensor(scales))
     graph.register_initializer(data)
-    graph.register_initializer(scale)
+    if float16_scales:
+        scale = float16_constant(graph, f"{base}_scales", scales)
+    else:
+        scale = ir.Value(name=f"{base}_scales", const_value=ir.tensor(scales))
+        graph.register_initializer(scale)
     zero = None
     if packed_zero_points is not None:
         zero = ir.Value(name=f"{base}_zero_points", const_value=ir.tensor(packed_zero_points))

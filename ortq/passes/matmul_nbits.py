@@ -20,7 +20,9 @@ time: a 4-bit grid is kept even where the layer asked for 8 bits. ``MatMulNBits`
 (float ones run a slow dequantizing path on CPU), so a Q4_1 block minimum that is not a whole number of steps
 is carried as a per-block offset ``C [n_blocks, N]``: ``Y = MatMulNBits(A) + (A @ E) @ C`` with ``E [K,
 n_blocks]`` the 0/1 block-membership matrix (``A @ E`` is computed once per activation). The report says
-per node ``"grid": "carried"`` or ``"requantized"``.
+per node ``"grid": "carried"`` or ``"requantized"``. With ``sensitive_budget`` every layer is planned in the
+base format first, then the most sensitive are upgraded (:mod:`ortq.passes.weight_budget`); with
+``float16_scales`` scales and offsets are float16 initializers behind a Cast ONNX Runtime folds at load.
 """
 
 from __future__ import annotations
@@ -36,16 +38,23 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from ortq.passes._int4 import BlockQuantized, SourceGrid, find_source_grid, quantize_gptq, quantize_rtn
+from ortq.passes._int4 import BlockQuantized, SourceGrid, exact_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
-from ortq.passes.gather_quant import (
-    MS_DOMAIN,
-    gather_table,
-    replace_gather,
-    share_gather,
-    swap_output,
+from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather, share_gather, swap_output
+from ortq.passes.initializers import (
+    add_initializer,
+    block_initializers,
+    drop_unused_initializers,
+    float16_constant,
 )
-from ortq.passes.initializers import add_initializer, block_initializers, drop_unused_initializers
+from ortq.passes.weight_budget import (
+    Upgrade,
+    choose_upgrades,
+    int8_bytes,
+    relative_errors,
+    stored_bytes,
+    to_float16,
+)
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -203,21 +212,92 @@ def _gemm_site(node: ir.Node, name: str, config: WeightOnlyConfig, skipped: dict
 
 def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
     """The activations multiplied by the weights :class:`MatMulNBitsPass` would quantize: those whose
-    statistics (mean squares, Hessians) the data-aware algorithms read."""
+    statistics (mean squares, Hessians) the data-aware algorithms read. A weight that will carry its source
+    grid (``keep_source_grid`` without a ``sensitive_budget``) needs none."""
     sites, _ = _find_sites(model.graph, config, {})
-    return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None})
+    carry = config.keep_source_grid and not config.sensitive_budget
+    return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None
+                   and not (carry and exact_source_grid(np.ascontiguousarray(s.w.T), 8, config.block_size) is not None)})
 
 
-def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
-    deq = bq.dequantize()
-    d = (w_t - deq).astype(np.float64)
-    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
-    if isinstance(xtx, np.ndarray):
-        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
-        wd = w_t.astype(np.float64)
-        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
-        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
-    return out
+@dataclass
+class _Plan:
+    """How one weight is stored: its blocks, the source grid carried (if any) and its report entry."""
+
+    site: _MatMulSite
+    bq: BlockQuantized
+    grid: SourceGrid | None
+    entry: dict[str, Any]
+    float16: bool = False  # scales (and offsets) stored in float16
+
+
+def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
+          hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool) -> _Plan:
+    """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``)."""
+    k, n = site.w.shape
+    bs, sym = _layer_format(config, bits, k)
+    w_t = np.ascontiguousarray(site.w.T)
+    act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
+    xtx = hessians.get(act)
+    tied = bool(site.tied_gather)
+    importance = mean_squares.get(act) if not tied else None
+    grid = exact_source_grid(w_t, bits, config.block_size) if keep_grid else None
+    if grid is not None and grid.offsets is not None and tied:
+        grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
+    if grid is not None:
+        bq = grid.blocks
+        bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
+    elif algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not tied and bits == 4:
+        bq, algo = quantize_gptq(w_t, xtx, bits, bs, sym), "gptq"
+    else:
+        bq = quantize_rtn(w_t, bits, bs, sym, importance=importance)
+        algo = "rtn" + ("+act" if importance is not None else "")
+    half = to_float16(bq, grid) if config.float16_scales else None
+    if half is not None:
+        bq, grid = half
+    entry: dict[str, Any] = {
+        "node": site.name,
+        "op": "MatMulNBits",
+        "bits": bq.bits,
+        "block_size": bs,
+        "symmetric": sym,
+        "shape": [k, n],
+        "algorithm": algo,
+        "grid": "carried" if grid is not None else "requantized",
+        **(relative_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
+    }
+    if grid is not None and grid.offsets is not None:
+        entry["block_offsets"] = "float16" if half is not None else "float32"
+    entry["scales"] = "float16" if half is not None else "float32"
+    if site.why_bits:
+        entry["bits_reason"] = site.why_bits
+    return _Plan(site, bq, grid, entry, half is not None)
+
+
+def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm,
+             hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray]) -> None:
+    """Upgrade the most sensitive base-format layers within ``config.sensitive_budget`` (see
+    :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
+    base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
+    budget = config.sensitive_budget * sum(stored_bytes(p.bq, float16=p.float16) for p in base.values())
+    candidates = []
+    for key, p in base.items():
+        k, n = p.site.w.shape
+        error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
+        now = stored_bytes(p.bq, float16=p.float16)
+        grid = exact_source_grid(np.ascontiguousarray(p.site.w.T), 8, config.block_size)
+        if grid is not None and not (grid.offsets is not None and p.site.tied_gather):
+            candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
+        else:
+            extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
+            candidates.append(Upgrade(key, error, error / 16, extra))
+    for key in choose_upgrades(candidates, budget):
+        old = plans[key]
+        plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True)
+        new.entry["bits_reason"] = (
+            f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
+            f"at {config.bits} bits"
+        )
 
 
 def _layer_format(config: WeightOnlyConfig, bits: int, k: int) -> tuple[int, bool]:
@@ -300,60 +380,43 @@ def quantize_weight_only(
     mean_squares = mean_squares or {}
     hessians = hessians or {}
     _ensure_opset(model)
-    block_sums: dict[tuple[str, int], ir.Value] = {}
-    nodes_report: list[dict[str, Any]] = []
-    bytes_before = bytes_after = 0
-    made: dict[tuple, tuple] = {}  # (weight, bits, block, symmetric) -> its initializers: shared weights once
-    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
+    # 1. Every layer in its format (one plan per distinct weight and format: a shared weight is stored once).
+    plans: dict[tuple, _Plan] = {}
+    keys: list[tuple] = []
     for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.w.shape
         bs, sym = _layer_format(config, site.bits, k)
-        key = (id(site.weight), site.bits, bs, sym)
-        if key in made and not site.tied_gather:
-            bq, values, entry0, grid0 = made[key]
-            _replace_matmul(graph, site, bq, config, values=values, grid=grid0, block_sums=block_sums)
-            entry0.setdefault("shared_with", []).append(site.name)
+        key = (id(site.weight), site.bits, bs, sym) + ((id(site),) if site.tied_gather else ())
+        keys.append(key)
+        if key not in plans:
+            plans[key] = _plan(site, config, algorithm, site.bits, hessians, mean_squares,
+                               keep_grid=config.keep_source_grid)
+    # 2. The most sensitive layers upgraded within the byte budget.
+    if config.sensitive_budget and config.bits < 8:
+        _upgrade(plans, config, algorithm, hessians, mean_squares)
+
+    # 3. The graph.
+    block_sums: dict[tuple[str, int], ir.Value] = {}
+    nodes_report: list[dict[str, Any]] = []
+    bytes_before = bytes_after = 0
+    made: dict[tuple, tuple] = {}  # plan key -> its initializers
+    made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
+    for site, key in zip(sites, keys):
+        plan = plans[key]
+        bq, grid, entry = plan.bq, plan.grid, plan.entry
+        k, n = site.w.shape
+        if key in made:
+            _replace_matmul(graph, site, bq, config, values=made[key], grid=grid, block_sums=block_sums,
+                            float16=plan.float16)
+            entry.setdefault("shared_with", []).append(site.name)
             continue
-        w_t = np.ascontiguousarray(site.w.T)
-        act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
-        xtx = hessians.get(act)
-        importance = mean_squares.get(act) if not site.tied_gather else None
-        use_gptq = algorithm == WeightOnlyAlgorithm.GPTQ and xtx is not None and not site.tied_gather
-        grid = _source_grid(w_t, site.bits, config.block_size) if config.keep_source_grid else None
-        if grid is not None and grid.offsets is not None and site.tied_gather:
-            grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
-        if grid is not None:
-            bq = grid.blocks
-            bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
-        elif use_gptq and site.bits == 4:
-            bq = quantize_gptq(w_t, xtx, site.bits, bs, sym)
-            algo = "gptq"
-        else:
-            bq = quantize_rtn(w_t, site.bits, bs, sym, importance=importance)
-            algo = "rtn" + ("+act" if importance is not None else "")
-        entry: dict[str, Any] = {
-            "node": site.name,
-            "op": "MatMulNBits",
-            "bits": bq.bits,
-            "block_size": bs,
-            "symmetric": sym,
-            "shape": [k, n],
-            "algorithm": algo,
-            "grid": "carried" if grid is not None else "requantized",
-            **(_rel_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
-        }
-        if grid is not None and grid.offsets is not None:
-            entry["block_offsets"] = True
-        if site.why_bits:
-            entry["bits_reason"] = site.why_bits
         before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
         for g in site.tied_gather:
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
-        after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
-        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums)
-        made[key] = (bq, (b_val, s_val, z_val), entry, grid)
-        if grid is not None and grid.offsets is not None:
-            after += grid.offsets.nbytes
+        after = stored_bytes(bq, grid, float16=plan.float16) + (site.bias.nbytes if site.bias is not None else 0)
+        b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums,
+                                              float16=plan.float16)
+        made[key] = (b_val, s_val, z_val)
         for g in site.tied_gather:
             old_table = g.inputs[0]
             if id(old_table) in made_gathers:
@@ -361,10 +424,10 @@ def quantize_weight_only(
                 drop_unused_initializers(graph, [old_table])
                 entry.setdefault("tied_gathers", []).append(g.name)
                 continue
-            shared = (b_val, s_val, z_val) if k % bs == 0 else None
+            shared = (b_val, s_val, z_val) if k % bq.block_size == 0 else None
             made_gathers[id(old_table)] = replace_gather(graph, g, bq, shared=shared)
             if shared is None:
-                after += bq.nbytes()
+                after += stored_bytes(bq)
             drop_unused_initializers(graph, [old_table])
             entry.setdefault("tied_gathers", []).append(g.name)
         entry["bytes_before"], entry["bytes_after"] = before, after
@@ -403,7 +466,7 @@ def quantize_weight_only(
                 "symmetric": sym,
                 "shape": list(table.shape),
                 "algorithm": "rtn",
-                **_rel_errors(table, bq, None),
+                **relative_errors(table, bq, None),
                 "bytes_before": before,
                 "bytes_after": after,
             }
@@ -433,17 +496,8 @@ def quantize_weight_only(
     return model, report
 
 
-def _source_grid(w_t: np.ndarray, bits: int, block_size: int) -> SourceGrid | None:
-    """The exact grid ``w_t`` lies on: 4 bits first (also for an 8-bit layer), then ``bits``."""
-    for b in dict.fromkeys((4, bits)):
-        grid = find_source_grid(w_t, b, block_size)
-        if grid is not None:
-            return grid
-    return None
-
-
 def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: SourceGrid,
-                 block_sums: dict[tuple[str, int], ir.Value]) -> ir.Node:
+                 block_sums: dict[tuple[str, int], ir.Value], float16: bool) -> ir.Node:
     """``node``'s output plus ``(A @ E) @ C`` (see the module docstring); returns the final ``Add``."""
     a = site.node.inputs[0]
     k, n = site.w.shape
@@ -459,8 +513,8 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
         sum_node = ir.node("MatMul", [a, e_val], name=f"{site.name}_block_sums")
         nodes.append(sum_node)
         block_sums[key] = sum_node.outputs[0]
-    c_val = add_initializer(graph, f"{site.weight.name or site.name}_block_offsets",
-                            np.ascontiguousarray(grid.offsets.T, np.float32))
+    name, c = f"{site.weight.name or site.name}_block_offsets", np.ascontiguousarray(grid.offsets.T, np.float32)
+    c_val = float16_constant(graph, name, c) if float16 else add_initializer(graph, name, c)
     corr = ir.node("MatMul", [block_sums[key], c_val], name=f"{site.name}_offsets")
     add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{site.name}_plus_offsets")
     graph.insert_after(node, [*nodes, corr, add])
@@ -468,7 +522,8 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
 
 
 def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
-                    values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None):
+                    values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None,
+                    float16: bool = False):
     """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
     site replaced before); a carried source grid with offsets adds them after the op."""
     node = site.node
@@ -478,7 +533,7 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
         b_val, s_val, z_val = values
     else:
         b_val, s_val, z_val = block_initializers(
-            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits
+            graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits, float16_scales=float16
         )
     inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
     old_bias = None
@@ -500,7 +555,7 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
     graph.insert_before(anchor, new)
     last = new
     if grid is not None and grid.offsets is not None:
-        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {})
+        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {}, float16)
     swap_output(graph, anchor, last)
     if site.bias_add is not None:
         graph.remove(node, safe=True)

@@ -1,0 +1,105 @@
+"""Mixed precision in weight-only quantization: which layers get more than the base bits, by measured error.
+
+Every layer is first quantized in the base format (4-bit blocks, GPTQ with calibration data). Its measured
+sensitivity is the relative error of its output on the calibration activations (``X^T X``-weighted; the
+weight's own relative error without statistics). Within a byte budget (``sensitive_budget``: a fraction of
+the bytes of the base-format layers) the layers whose upgrade removes the most squared relative error per
+extra byte are upgraded, greedily (the k-quant idea of spending more bits where they matter, chosen by
+measurement rather than by layer name). A layer is upgraded to the exact block grid its weight already lies on
+when it does (a GGUF Q4_0 / Q4_1 / Q8_0 source: no error left, and fewer bytes than 8 bits), else to 8 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ortq.passes._int4 import BlockQuantized, SourceGrid
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """A possible upgrade of one layer.
+
+    Attributes:
+        key: the caller's handle of the layer.
+        error: the layer's relative output error in the base format (its measured sensitivity).
+        remaining: the relative error left after the upgrade (0 for a carried exact grid).
+        extra_bytes: what the upgrade adds to the file.
+    """
+
+    key: Hashable
+    error: float
+    remaining: float
+    extra_bytes: int
+
+    @property
+    def gain(self) -> float:
+        return max(self.error**2 - self.remaining**2, 0.0)
+
+
+def choose_upgrades(candidates: Sequence[Upgrade], budget_bytes: float) -> list[Hashable]:
+    """The keys of the upgrades to make: by squared error removed per extra byte, best first, each taken
+    while the bytes spent stay within ``budget_bytes`` (a later, cheaper one may still fit)."""
+    chosen: list[Hashable] = []
+    spent = 0.0
+    ranked = sorted(candidates, key=lambda c: c.gain / max(c.extra_bytes, 1), reverse=True)
+    for c in ranked:
+        if c.gain > 0 and spent + c.extra_bytes <= budget_bytes:
+            chosen.append(c.key)
+            spent += max(c.extra_bytes, 0)
+    return chosen
+
+
+def stored_bytes(bq: BlockQuantized, grid: SourceGrid | None = None, *, float16: bool = False) -> int:
+    """Bytes of a layer in the file: codes, scales (float32, or float16), zero points, and a carried grid's
+    block offsets (as the scales)."""
+    size = bq.nbytes() - (bq.scales.nbytes // 2 if float16 else 0)
+    if grid is not None and grid.offsets is not None:
+        size += grid.offsets.size * (2 if float16 else 4)
+    return size
+
+
+def to_float16(bq: BlockQuantized, grid: SourceGrid | None) -> tuple[BlockQuantized, SourceGrid | None] | None:
+    """The blocks with their scales (and a grid's offsets) rounded to float16, or None where that is not safe:
+    a non-finite or vanished value, a scale more than 0.1 % off, or a carried grid's scale that is not exactly
+    float16 already (a GGUF scale is). The codes stay; a requantized layer's error is measured afterwards."""
+    s16 = bq.scales.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rel = np.abs(s16 - bq.scales) / np.where(bq.scales != 0, np.abs(bq.scales), 1.0)
+    if not np.isfinite(s16).all() or ((s16 == 0) != (bq.scales == 0)).any() or rel.max(initial=0.0) > 1e-3:
+        return None
+    if grid is not None and not np.array_equal(s16, bq.scales):
+        return None
+    new = dataclasses.replace(bq, scales=s16)
+    if grid is None:
+        return new, None
+    offsets = grid.offsets
+    if offsets is not None:
+        offsets = offsets.astype(np.float16).astype(np.float32)
+        if not np.isfinite(offsets).all():
+            return None
+    return new, SourceGrid(new, offsets)
+
+
+def int8_bytes(rows: int, k: int, block_size: int, *, scale_bytes: int = 4) -> int:
+    """Bytes of ``[rows, k]`` in symmetric 8-bit blocks (codes and scales of ``scale_bytes``)."""
+    nb = -(-k // block_size)
+    return rows * nb * block_size + rows * nb * scale_bytes
+
+
+def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
+    """Relative RMS error of the dequantized weight, and of the layer's output on the activations whose
+    ``X^T X`` is ``xtx`` (when given)."""
+    deq = bq.dequantize()
+    d = (w_t - deq).astype(np.float64)
+    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
+    if isinstance(xtx, np.ndarray):
+        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
+        wd = w_t.astype(np.float64)
+        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
+        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
+    return out
