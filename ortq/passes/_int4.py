@@ -473,14 +473,6 @@ def find_source_grid(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Sour
     # value = q*step + lo = ((q + z) - z)*step + lo: codes q + z, zero point z, offset lo + z*step.
     z = np.where(step > 0, np.clip(np.rint(-lo / s_safe), 0, qmax - q.max(-1)), 0)
     offsets = (lo + z * step).astype(np.float32)
-    if np.any(offsets != 0):
-        # Offsets are needed anyway: keep the codes as they are, with the kernels' implicit zero point (no zero
-        # point input; ONNX Runtime's fastest MatMulNBits path) and the rest in the offset, if exact.
-        sym = SourceGrid(BlockQuantized(q=q.astype(np.uint8).reshape(rows, k), scales=step.reshape(rows, nb),
-                                        zero_points=None, bits=bits, block_size=block_size, k=k),
-                         (lo + half * step).astype(np.float32).reshape(rows, nb))
-        if _checked(sym, w) is not None:
-            return sym
     blocks = BlockQuantized(q=(q + z[:, None]).astype(np.uint8).reshape(rows, k), scales=step.reshape(rows, nb),
                             zero_points=z.astype(np.uint8).reshape(rows, nb), bits=bits, block_size=block_size, k=k)
     return _checked(SourceGrid(blocks, offsets.reshape(rows, nb) if np.any(offsets != 0) else None), w)
