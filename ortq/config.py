@@ -266,13 +266,13 @@ class WeightOnlyConfig(_JsonConfig):
         nodes_to_exclude: node-name patterns (fnmatch) left in float.
         keep_source_grid: a weight that already lies exactly on a block grid (a GGUF Q4_0 / Q4_1 / Q8_0
             source) keeps it, bit for bit, instead of being rounded again (the default: on SmolLM2-135M's Q4_1
-            GGUF, +1.3 % / +1.4 % perplexity in-domain / on news at 99.8 MB, against +4.3 % / +5.6 % for
-            gptq re-quantization; ``benchmarks/int4_domains.py``).
+            GGUF, +1.3 % / +1.4 % perplexity in-domain / on news at 99.9 MB, every layer with zero points and
+            block offsets; ``benchmarks/int4_domains.py``).
         sensitive_budget: extra bytes, as a fraction of the bytes of the layers in the base format, spent on the
             layers whose measured error (relative output error on the calibration data) is largest per extra
             byte: each gets the grid its weight lies on (a GGUF source), else 8 bits (k-quant style mixed
-            precision, chosen by measurement; :mod:`ortq.passes.weight_budget`). 0: none. E.g. symmetric gptq
-            with 0.08 on SmolLM2's GGUF: +2.8 % / +3.6 % at 95.4 MB, most layers without zero points.
+            precision, chosen by measurement; :mod:`ortq.passes.weight_budget`). 0: none. On SmolLM2's GGUF,
+            symmetric gptq: +3.8 % / +6.9 % at 90.2 MB without, +2.4 % / +3.1 % at 96.6 MB with 0.1.
         float16_scales: block scales (and a carried grid's block offsets) stored in float16 and cast to
             float32 by a constant ``Cast`` that ONNX Runtime folds when the session is created: half a bit per
             weight less on disk, the same kernels. A scale float16 cannot hold within 0.1 % stays float32.
