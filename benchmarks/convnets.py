@@ -11,7 +11,8 @@ fidelity on centre and corner crops of the other half.
 
 Speed: warm sessions, 2 intra-op threads, batch 1 and 8, fp32 and each quantized model alternated;
 speedup = min(fp32) / min(model). Placement: convolutions that ONNX Runtime's CPU EP ran as integer kernels
-(``ortq.validate.placement``). Fidelity: cosine of the logits to fp32 (mean and worst) and top-1 agreement; as a
+(``ortq.validate.placement``). Fidelity: cosine of the logits to fp32 (mean and worst), their relative L2 error
+``||int8 - fp32|| / ||fp32||`` (mean and worst) and top-1 agreement; as a
 yardstick, the same figures for fp32 itself with white noise at 50 dB SNR added to its input.
 
     python benchmarks/convnets.py [--models resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0] [--rounds 10]
@@ -187,7 +188,9 @@ def fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     if not np.isfinite(a).all() or (np.linalg.norm(a, axis=1) == 0).any():
         raise SystemExit("error: the fp32 reference logits are zero or non-finite: no cosine to measure")
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    rel = np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1)  # ||int8 - fp32|| / ||fp32||, per crop
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "rel_l2_mean": float(rel.mean()), "rel_l2_max": float(rel.max()),
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 
@@ -249,7 +252,7 @@ def main() -> None:
         for name in args.models.split(","):
             results[name] = run_model(name, calib, held, args.rounds, Path(tmp))
     header = (f"{'model':16} {'variant':8} {'x b1':>6} {'x b8':>6} {'int8 convs':>11} {'int8 FLOPs':>10} "
-              f"{'cos mean':>9} {'cos min':>8} {'top1':>5}")
+              f"{'cos mean':>9} {'cos min':>8} {'relL2':>6} {'top1':>5}")
     print(f"static int8, {THREADS} threads, speedup = min(fp32)/min(model); {len(calib)} calibration crops, "
           f"{len(held)} held-out crops")
     print(header)
@@ -259,9 +262,9 @@ def main() -> None:
             frac = r["int8_flop_fraction"]
             print(f"{name:16} {k:8} {r['speedup_b1']:6.2f} {r['speedup_b8']:6.2f} {c['int8']:>5}/{c['total']:<5} "
                   f"{(100 * frac if frac is not None else float('nan')):9.1f}% {r['cosine_mean']:9.4f} "
-                  f"{r['cosine_min']:8.4f} {r['top1_agreement']:5.2f}")
+                  f"{r['cosine_min']:8.4f} {r['rel_l2_mean']:6.3f} {r['top1_agreement']:5.2f}")
         n = rows["fp32"]["input_noise_50db"]
-        print(f"{name:16} {'fp32+50dB noise':47} {n['cosine_mean']:9.4f} {n['cosine_min']:8.4f} {n['top1_agreement']:5.2f}")
+        print(f"{name:16} {'fp32+50dB noise':47} {n['cosine_mean']:9.4f} {n['cosine_min']:8.4f} {n['rel_l2_mean']:6.3f} {n['top1_agreement']:5.2f}")
     RESULTS.mkdir(exist_ok=True)
     doc = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
