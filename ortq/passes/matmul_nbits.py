@@ -25,6 +25,7 @@ per node ``"grid": "carried"`` or ``"requantized"``.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
@@ -209,14 +210,23 @@ def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[s
 
 
 def _rel_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
-    deq = bq.dequantize()
-    d = (w_t - deq).astype(np.float64)
-    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
+    # Row by row-chunk: float64 copies of a whole embedding table or lm_head would cost 4x its fp32 size.
+    num_w = den_w = num_x = den_x = 0.0
+    step = max(1, (1 << 22) // max(w_t.shape[1], 1))
+    zp = bq.zero_points
+    for r in range(0, w_t.shape[0], step):
+        part = dataclasses.replace(bq, q=bq.q[r:r + step], scales=bq.scales[r:r + step],
+                                   zero_points=None if zp is None else zp[r:r + step])
+        wd = w_t[r:r + step].astype(np.float64)
+        d = (w_t[r:r + step] - part.dequantize()).astype(np.float64)
+        num_w += float((d * d).sum())
+        den_w += float((wd * wd).sum())
+        if isinstance(xtx, np.ndarray):
+            num_x += float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
+            den_x += float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
+    out = {"weight_rel_rmse": float(np.sqrt(num_w / max(den_w, 1e-30)))}
     if isinstance(xtx, np.ndarray):
-        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
-        wd = w_t.astype(np.float64)
-        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
-        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
+        out["output_rel_rmse"] = float(np.sqrt(max(num_x, 0.0) / max(den_x, 1e-30)))
     return out
 
 
@@ -350,8 +360,10 @@ def quantize_weight_only(
         for g in site.tied_gather:
             before += 0 if g.inputs[0] is site.weight else site.w.nbytes
         after = bq.nbytes() + (site.bias.nbytes if site.bias is not None else 0)
+        shared = len(site.weight.uses()) > 1  # read by another MatMul (or a tied Gather) too
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums)
-        made[key] = (bq, (b_val, s_val, z_val), entry, grid)
+        if shared:  # the codes of a weight read once are in the new initializers: not kept twice
+            made[key] = (bq, (b_val, s_val, z_val), entry, grid)
         if grid is not None and grid.offsets is not None:
             after += grid.offsets.nbytes
         for g in site.tied_gather:
@@ -371,6 +383,7 @@ def quantize_weight_only(
         bytes_before += before
         bytes_after += after
         nodes_report.append(entry)
+        _release(graph, site)
 
     for gnode, table in gathers:
         if id(gnode.inputs[0]) in made_gathers:
@@ -465,6 +478,18 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
     add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{site.name}_plus_offsets")
     graph.insert_after(node, [*nodes, corr, add])
     return add
+
+
+def _release(graph: ir.Graph, site: _MatMulSite) -> None:
+    """Unmap a replaced weight read from an external data file, so that its pages leave the process as the
+    pass goes (it maps again if read later)."""
+    tensor = site.weight.const_value
+    if isinstance(tensor, ir.ExternalTensor) and not site.weight.uses() and site.weight.name not in graph.initializers:
+        site.w = None  # type: ignore[assignment]
+        try:
+            tensor.release()
+        except BufferError:  # a view of it is still alive somewhere: it stays mapped
+            pass
 
 
 def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
