@@ -24,6 +24,7 @@ The parity check of the export runs after these rewrites.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import onnx
@@ -40,8 +41,18 @@ def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The rewrites on a decoder with ``GroupQueryAttention``; other graphs are returned unchanged."""
     if not any(n.op_type == GQA for n in proto.graph.node):
         return proto
-    dims = _symbolic_dims(proto)
+    return ir.serde.serialize_model(simplify_decoder_model(proto))
+
+
+def simplify_decoder_model(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """:func:`simplify_decoder` as an ``onnx_ir.Model`` sharing ``proto``'s tensors (other graphs unchanged):
+    nothing is serialized, and weights stored externally (in ``base_dir``) stay mapped from their file."""
     model = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    if not any(n.op_type == GQA for n in model.graph):
+        return model
+    dims = _symbolic_dims(proto)
     for node in model.graph:  # the inferred element types, for the float -> float Casts the norms hold
         for v in node.outputs:
             if v.dtype is None and f"dtype:{v.name}" in (dims or {}):
@@ -54,7 +65,7 @@ def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
     logger.info("decoder clean-up: %d identity reshape(s) removed, %d attention(s) read a packed QKV MatMul, "
                 "%d group(s) of sibling MatMuls packed, %d residual RMS norm(s) fused", reshapes, packed, siblings,
                 norms)
-    return ir.serde.serialize_model(model)
+    return model
 
 
 def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, tuple] | None:
