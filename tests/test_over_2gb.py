@@ -111,12 +111,27 @@ def test_export_reads_the_traced_weights_mapped_not_loaded(tiny_llama_src, tmp_p
         assert not load_external_data, "a whole model was loaded with its external data"
         return real_load(path, *args, load_external_data=False, **kwargs)
 
+    import ortq.export as export_pkg
+
+    real_convert = export_pkg.convert
+
+    def convert(spec, path, *args):  # as the exporter writes a model over 2 GB: weights and Constants external
+        used = real_convert(spec, path, *args)
+        proto = real_load(str(path))
+        for f in list(path.parent.iterdir()):
+            f.unlink()
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0, convert_attribute=True)
+        return used
+
+    monkeypatch.setattr(export_pkg, "convert", convert)
     monkeypatch.setattr(onnx, "load", load)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
     out = tmp_path / "external"
-    export(tiny_llama_src, out, check_parity=False)
+    result = export(tiny_llama_src, out, check_parity=False)
     monkeypatch.undo()
-    assert _external(out)
+    assert _external(out) and result.attention != "standard"
+    assert sorted(p.name for p in out.iterdir() if "model.onnx" in p.name) == ["model.onnx", "model.onnx.data"]
     a, b = onnx.load(str(inline / "model.onnx")), onnx.load(str(out / "model.onnx"))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
