@@ -163,14 +163,14 @@ def greedy_and_speed(reference: str | os.PathLike, quantized: str | os.PathLike,
     outputs: dict[str, list[list[int]]] = {k: [] for k in paths}
     for group in ([[k] for k in paths] if one_at_a_time else [list(paths)]):
         gens = {k: Generator(paths[k], threads=threads) for k in group}
-        for g in gens.values():
-            g.generate(prompts[0], max_new_tokens=2)  # warm-up
         _rounds(gens, prompts, new_tokens, rounds, best, outputs)
-        del gens
+        del gens  # closed before the next group's session opens
     return _generation_result(prompts, new_tokens, threads, best, outputs)
 
 
 def _rounds(gens, prompts, new_tokens: int, rounds: int, best, outputs) -> None:
+    for g in gens.values():
+        g.generate(prompts[0], max_new_tokens=2)  # warm-up
     for r in range(rounds):
         for which, g in gens.items():
             pre_tok = pre_s = dec_tok = dec_s = 0.0
