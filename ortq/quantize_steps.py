@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ortq.calibrators.activations import channel_absmax, second_moments
+from ortq.calibrators.activations import GroupedHessians, channel_absmax, hessian_groups, second_moments
 from ortq.calibrators.base import TensorRange
 from ortq.calibrators.collect import CalibrationState, RangeCollector, RangesJob
 from ortq.config import CalibrationConfig, QuantizationConfig, WeightOnlyAlgorithm, WeightOnlyConfig
@@ -59,27 +59,67 @@ class Quantized:
     plan: QuantPlan | None = None
 
 
-def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *, engine: Any = None) -> dict[str, Any]:
+# GPTQ's Hessians (float64 K x K per activation) of all quantized MatMuls at once may not exceed this; above
+# it they are gathered group by group (see :class:`~ortq.calibrators.activations.GroupedHessians`).
+HESSIAN_BUDGET_BYTES = 1 << 30
+
+
+def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *, engine: Any = None,
+                           hessian_budget_bytes: int | None = None) -> dict[str, Any]:
     """The keyword arguments of :class:`~ortq.passes.matmul_nbits.MatMulNBitsPass` for the data-aware parts:
     per-channel mean squares (and Hessians for ``gptq``) of the activations it quantizes, over ``batches``
-    (shards run by ``engine``, see :mod:`ortq.calibrators.engine`)."""
+    (shards run by ``engine``, see :mod:`ortq.calibrators.engine`).
+
+    When the Hessians would take more than ``hessian_budget_bytes`` (default :data:`HESSIAN_BUDGET_BYTES`),
+    they come group by group as the pass reads them, one calibration pass per group: the same values, in
+    bounded memory."""
     names = weight_only_activations(model, config)
     gptq = WeightOnlyAlgorithm(config.algorithm) == WeightOnlyAlgorithm.GPTQ
     if not names:  # every weight carries its source grid: nothing to measure
         return {"mean_squares": {}, "hessians": {} if gptq else None,
                 "calibration": {"tokens": 0, "activations": 0, "seconds": 0.0,
                                 "skipped": "every weight carries the block grid it lies on"}}
+    budget = HESSIAN_BUDGET_BYTES if hessian_budget_bytes is None else int(hessian_budget_bytes)
+    widths = _activation_widths(model, names) if gptq else {}
+    grouped = gptq and len(widths) == len(names) and sum(c * c * 8 for c in widths.values()) > budget
+    if grouped and not isinstance(batches, Sequence):
+        batches = list(batches)  # read once per group
     start = time.perf_counter()
-    stats = second_moments(model, names, batches, hessians=gptq, engine=engine)
+    stats = second_moments(model, names, batches, hessians=gptq and not grouped, engine=engine)
+    hessians: Mapping[str, np.ndarray] | None = stats.hessians if gptq else None
+    calibration: dict[str, Any] = {"tokens": stats.tokens, "activations": len(stats.count)}
+    if grouped:
+        groups = hessian_groups(widths, budget)
+        # A clone sharing the weights: the pass that reads the groups rewrites ``model`` as it goes.
+        hessians = GroupedHessians(model.clone(), groups, batches, engine=engine)
+        calibration["hessian_groups"] = len(groups)
+        logger.info("GPTQ Hessians over %.1f GB: gathered in %d groups of at most %.1f GB",
+                    sum(c * c * 8 for c in widths.values()) / 1e9, len(groups), budget / 1e9)
+    calibration["seconds"] = round(time.perf_counter() - start, 2)  # the groups' passes come later, in the pass
     return {
         "mean_squares": {n: stats.mean_square(n) for n in stats.sum_squares},
-        "hessians": stats.hessians if gptq else None,
-        "calibration": {
-            "tokens": stats.tokens,
-            "activations": len(stats.count),
-            "seconds": round(time.perf_counter() - start, 2),
-        },
+        "hessians": hessians,
+        "calibration": calibration,
     }
+
+
+def _activation_widths(model: ir.Model, names: Sequence[str]) -> dict[str, int]:
+    """Channels of each activation in ``names`` (the K of a constant weight it multiplies), in the order the
+    graph reads them; activations whose width is not known are left out."""
+    wanted = set(names)
+    widths: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[0] is None:
+            continue
+        name, weight = node.inputs[0].name, node.inputs[1]
+        if name not in wanted or name in widths or weight is None or weight.const_value is None:
+            continue
+        shape = weight.const_value.shape
+        if len(shape) != 2:
+            continue
+        trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        widths[name] = int(shape[1] if trans_b else shape[0])
+    return widths
 
 
 class QuantizeSteps:

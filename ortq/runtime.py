@@ -147,6 +147,11 @@ class SessionSettings:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if optimized_model_path:
             so.optimized_model_filepath = optimized_model_path
+            # Weights beside the optimized graph, not inside it: the graph is read back without them, and a
+            # model over 2 GB cannot be one protobuf message.
+            name = os.path.basename(optimized_model_path) + ".data"
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", name)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix

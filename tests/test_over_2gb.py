@@ -92,3 +92,49 @@ def test_a_small_output_of_an_external_data_source_is_one_self_contained_file(bi
     assert sorted(p.name for p in path.parent.glob("model.onnx*")) == ["model.onnx"]
     onnx.checker.check_model(str(path))
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_reads_the_traced_weights_mapped_not_loaded(tiny_llama_src, tmp_path, monkeypatch):
+    """The traced graph is read without its external data and saved tensor by tensor: the same weights as
+    an export below the limit, and no ``onnx.load`` of a whole model."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from ortq import io
+    from ortq.export import export
+
+    inline = tmp_path / "inline"
+    export(tiny_llama_src, inline, check_parity=False)
+    real_load = onnx.load
+
+    def load(path, *args, load_external_data=True, **kwargs):
+        assert not load_external_data, "a whole model was loaded with its external data"
+        return real_load(path, *args, load_external_data=False, **kwargs)
+
+    import ortq.export as export_pkg
+
+    real_convert = export_pkg.convert
+
+    def convert(spec, path, *args):  # as the exporter writes a model over 2 GB: weights and Constants external
+        used = real_convert(spec, path, *args)
+        proto = real_load(str(path))
+        for f in list(path.parent.iterdir()):
+            f.unlink()
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0, convert_attribute=True)
+        return used
+
+    monkeypatch.setattr(export_pkg, "convert", convert)
+    monkeypatch.setattr(onnx, "load", load)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out = tmp_path / "external"
+    result = export(tiny_llama_src, out, check_parity=False)
+    monkeypatch.undo()
+    assert _external(out) and result.attention != "standard"
+    assert sorted(p.name for p in out.iterdir() if "model.onnx" in p.name) == ["model.onnx", "model.onnx.data"]
+    a, b = onnx.load(str(inline / "model.onnx")), onnx.load(str(out / "model.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert {p.key: p.value for p in a.metadata_props} == {p.key: p.value for p in b.metadata_props}

@@ -281,3 +281,35 @@ def test_minilm_report_cpu_rows_filled_gpu_rows_skipped(minilm_dir, tmp_path, ki
         row = report.provider(name)
         if not (HAS_CUDA if name == "cuda" else HAS_TRT):
             assert row["status"] == "skipped" and row["reason"]
+
+
+def test_one_session_at_a_time_gives_the_same_figures(lm_models, monkeypatch):
+    """Models over the size limit are validated with one session alive at a time: same fidelity and task
+    figures, latency timed one model after the other."""
+    import ortq.validate as v
+    from ortq.validate import sequential
+
+    fp32, q, held = lm_models
+    kwargs = {"latency_runs": 2, "warmup_runs": 1, "placement": False, "thresholds": Thresholds(max_perplexity_delta_pct=1e6)}
+    both = validate(q, fp32, held, one_session_at_a_time=False, **kwargs).to_dict()
+    opened = []
+    real = sequential.create_session
+
+    def counted(path, **kw):
+        assert not [s for s in opened if s() is not None], "a second session opened while one is alive"
+        sess = real(path, **kw)
+        import weakref
+
+        opened.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(sequential, "create_session", counted)
+    monkeypatch.setattr(v, "ONE_SESSION_BYTES", 1)  # the automatic choice: every model is "large"
+    one = validate(q, fp32, held, **kwargs).to_dict()
+    assert len(opened) == 2
+    a, b = both["providers"][0], one["providers"][0]
+    assert a["fidelity"] == b["fidelity"] and a["task"] == b["task"]
+    assert b["latency"]["reference"]["median_ms"] > 0 and b["latency"]["ratio"] > 0
+    assert one["settings"]["latency_order"].startswith("one model after the other")
+    assert {k: v for k, v in one["settings"].items() if k != "latency_order"} == \
+        {k: v for k, v in both["settings"].items() if k != "latency_order"}

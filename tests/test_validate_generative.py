@@ -138,3 +138,16 @@ def test_help_states_the_default_limits(capsys):
         main(["validate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default {DEFAULT_MAX_PPL_INCREASE_PCT:g})" in text and f"(default {DEFAULT_MIN_TOP1_AGREEMENT:g})" in text
+
+
+def test_one_session_at_a_time_gives_the_same_generative_figures(llama_int4):
+    from ortq.validate.generative import evaluate_generative
+
+    fp32, int4 = llama_int4
+    texts = {"t": ["The history of the city begins with a small port on the river.", "def f(x):\n    return x + 1"]}
+    kw = {"max_length": 24, "prompts": ("Once upon a time",), "new_tokens": 3, "threads": 1}
+    both = evaluate_generative(int4, fp32, texts, **kw)
+    one = evaluate_generative(int4, fp32, texts, one_at_a_time=True, **kw)
+    assert one["domains"] == both["domains"]
+    assert one["generation"]["first_divergence"] == both["generation"]["first_divergence"]
+    assert one["generation"]["continuation_lengths"] == both["generation"]["continuation_lengths"]

@@ -4,6 +4,8 @@
   sample of non-padded rows: what SmoothQuant scales and its alpha search read.
 * :func:`second_moments`: per-channel sum of squares and row count (RTN's channel weighting) and, on request,
   ``X^T X`` (GPTQ's Hessian), over non-padded positions, accumulated in float64.
+* :class:`GroupedHessians`: those ``X^T X`` group by group, within a byte budget: one calibration pass per
+  group, computed when a pass first reads one of its activations, the previous group freed first.
 
 Both run the model through :mod:`ortq.runtime` (one session, one loop); the passes receive the results.
 """
@@ -11,7 +13,7 @@ Both run the model through :mod:`ortq.runtime` (one session, one loop); the pass
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,3 +183,62 @@ def second_moments(
     :class:`~ortq.calibrators.engine.RayEngine`): the result is the same bits either way."""
     engine = engine if engine is not None else LocalEngine()
     return engine.run(MomentsJob(activations, hessians=hessians), model, batches)
+
+
+def hessian_groups(widths: Mapping[str, int], budget_bytes: int) -> list[list[str]]:
+    """``widths`` (activation -> channels, in the order the model reads them) cut into consecutive groups
+    whose float64 ``X^T X`` take at most ``budget_bytes`` together (an activation over the budget alone is a
+    group of its own)."""
+    groups: list[list[str]] = []
+    size = 0
+    for name, c in widths.items():
+        need = int(c) * int(c) * 8
+        if not groups or size + need > budget_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += need
+    return groups
+
+
+class GroupedHessians(Mapping[str, np.ndarray]):
+    """``X^T X`` of activations as a read-only mapping that holds one group at a time.
+
+    The first read of an activation of another group frees the current one and runs
+    :func:`second_moments` over ``batches`` for the activations of that group only. Each activation's sum is
+    the same float64 sum, in the same batch and shard order, as one pass over all of them would give: the
+    values are bit-identical, memory holds one group's Hessians, and the calibration data is run once per
+    group. Readers should go through the groups in order (a group read again is computed again).
+
+    Args:
+        model, batches, engine: as for :func:`second_moments`.
+        groups: the activations, cut by :func:`hessian_groups`.
+    """
+
+    def __init__(self, model: ir.Model, groups: Sequence[Sequence[str]], batches: Sequence[Mapping[str, np.ndarray]],
+                 *, engine: Any = None):
+        self.model = model
+        self.groups = [list(g) for g in groups]
+        self.batches = batches
+        self.engine = engine
+        self._group_of = {n: i for i, g in enumerate(self.groups) for n in g}
+        self._loaded: int | None = None
+        self._current: dict[str, np.ndarray] = {}
+        self.passes = 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        i = self._group_of[name]
+        if i != self._loaded:
+            self._current, self._loaded = {}, None  # freed before the next group is gathered
+            self._current = second_moments(self.model, self.groups[i], self.batches, hessians=True,
+                                           engine=self.engine).hessians
+            self._loaded = i
+            self.passes += 1
+            logger.info("Hessians of group %d/%d (%d activation(s))", i + 1, len(self.groups), len(self.groups[i]))
+        return self._current[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._group_of)
+
+    def __len__(self) -> int:
+        return len(self._group_of)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +26,19 @@ import onnx
 
 from ortq.errors import ConfigError, ExportError, OrtqError, require
 from ortq.export.attention import OP_TYPE as FUSED_OP
-from ortq.export.convert import convert, drop_weight_identities, save_checked, set_metadata, tag_tied_weights
+from ortq.export.convert import (
+    convert,
+    drop_weight_identities,
+    save_checked_model,
+    set_metadata,
+    tag_tied_weights,
+)
 from ortq.export.decoder import INPUTS as DECODER_INPUTS
 from ortq.export.decoder import decoder_spec
 from ortq.export.genai import genai_config, write_genai_config
 from ortq.export.parity import compare_with_torch
 from ortq.export.seq2seq import ENCODER_FILE, seq2seq_specs, write_graphs
-from ortq.export.simplify import simplify_decoder
+from ortq.export.simplify import simplify_decoder_model
 from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
 from ortq.export.vision import save_preprocessor, vision_spec, vision_task
@@ -240,23 +247,28 @@ def _write_graph(spec, model_path: Path, opset: int, exporter: str, hf_model, ma
     t0 = time.perf_counter()
     used = convert(spec, model_path, opset, exporter)
     export_seconds = time.perf_counter() - t0
-    proto = onnx.load(str(model_path), load_external_data=True)
-    initializers = {t.name for t in proto.graph.initializer}
-    graph_inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
-    unused = [n for n in spec.input_names if n not in graph_inputs]
-    if unused:
-        logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
-    drop_weight_identities(proto)
-    proto = simplify_decoder(proto)
-    # Vision models have no input embedding table to tie (some raise on get_input_embeddings).
-    vision = spec.task is not None and TASK_SPECS[spec.task].vision
-    tied = tag_tied_weights(proto, hf_model) if hf_model is not None and not vision else {}
-    attention = FUSED_OP if any(n.op_type == FUSED_OP for n in proto.graph.node) else "standard"
-    set_metadata(proto, spec.task, max_length, used, tied)
-    for f in list(model_path.parent.iterdir()):  # exporters may write external data files; save_model rewrites
-        f.unlink()
-    external = save_checked(proto, model_path)
-    del proto
+    # The traced graph moves aside and its weights stay in their file: the clean-up maps what it reads, and
+    # the save streams the rest into the output's data file (one copy of the weights on disk, none in memory).
+    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".traced-") as traced:
+        for f in list(model_path.parent.iterdir()):
+            if f.name != Path(traced).name:
+                f.rename(Path(traced) / f.name)
+        proto = onnx.load(str(Path(traced) / model_path.name), load_external_data=False)
+        initializers = {t.name for t in proto.graph.initializer}
+        graph_inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
+        unused = [n for n in spec.input_names if n not in graph_inputs]
+        if unused:
+            logger.info("%s: not read by the model, not a graph input", ", ".join(unused))
+        drop_weight_identities(proto)
+        # Vision models have no input embedding table to tie (some raise on get_input_embeddings).
+        vision = spec.task is not None and TASK_SPECS[spec.task].vision
+        tied = tag_tied_weights(proto, hf_model, traced) if hf_model is not None and not vision else {}
+        set_metadata(proto, spec.task, max_length, used, tied)
+        model = simplify_decoder_model(proto, traced)
+        del proto
+        attention = FUSED_OP if any(n.op_type == FUSED_OP for n in model.graph) else "standard"
+        external = save_checked_model(model, model_path)
+        del model
     max_abs = max_rel = None
     shapes: tuple[tuple[int, ...], ...] = ()
     if check_parity:

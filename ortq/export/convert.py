@@ -15,7 +15,7 @@ import onnx
 
 from ortq.errors import ExportError, first_line, require
 from ortq.export.spec import ExportSpec
-from ortq.io import save_model
+from ortq.io import needs_external_data, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,12 @@ def drop_weight_identities(proto: onnx.ModelProto) -> int:
     return len(alias)
 
 
-def tag_tied_weights(proto: onnx.ModelProto, hf_model: Any) -> dict[str, str]:
+def tag_tied_weights(proto: onnx.ModelProto, hf_model: Any, base_dir: str = "") -> dict[str, str]:
     """Find initializers that copy the input embedding transposed (a tied lm_head) -> {copy: embedding}.
 
     The TorchScript exporter folds ``lm_head.weight.T`` into its own ``[hidden, vocab]`` initializer feeding
     the final MatMul; the ``[vocab, hidden]`` embedding feeds the Gather. The two are not shared in the graph.
+    Weights stored externally are read from ``base_dir``.
     """
     get_in = getattr(hf_model, "get_input_embeddings", None)
     get_out = getattr(hf_model, "get_output_embeddings", None)
@@ -160,9 +161,9 @@ def tag_tied_weights(proto: onnx.ModelProto, hf_model: Any) -> dict[str, str]:
             by_shape.setdefault(dims, []).append(init)
     tied = {}
     for src in by_shape.get((vocab, hidden), []):
-        src_arr = numpy_helper.to_array(src)
+        src_arr = numpy_helper.to_array(src, base_dir)
         for cand in by_shape.get((hidden, vocab), []):
-            if np.array_equal(numpy_helper.to_array(cand), src_arr.T):
+            if np.array_equal(numpy_helper.to_array(cand, base_dir), src_arr.T):
                 tied[cand.name] = src.name
     return tied
 
@@ -190,6 +191,24 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> bool:
     external = path.with_name(path.name + ".data").exists()
     try:
         onnx.checker.check_model(str(path) if external else proto)
+    except Exception as exc:
+        raise ExportError(f"{path.name} fails onnx.checker: {first_line(exc)}") from exc
+    return external
+
+
+def save_checked_model(model: Any, path: Path) -> bool:
+    """:func:`save_checked` for an ``onnx_ir.Model``: tensors still mapped from another file are streamed into
+    ``path``'s data file (or, small enough for one file, read in), never all in memory at once."""
+    import onnx_ir as ir
+
+    external = needs_external_data(model)
+    if external:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.external_data.load_to_model(model)
+        ir.save(model, path)
+    try:
+        onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ExportError(f"{path.name} fails onnx.checker: {first_line(exc)}") from exc
     return external

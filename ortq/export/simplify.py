@@ -24,6 +24,7 @@ The parity check of the export runs after these rewrites.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import onnx
@@ -42,8 +43,20 @@ def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The rewrites on a decoder with ``GroupQueryAttention``; other graphs are returned unchanged."""
     if not any(n.op_type == GQA for n in proto.graph.node):
         return proto
-    dims = _symbolic_dims(proto)
+    return ir.serde.serialize_model(simplify_decoder_model(proto))
+
+
+def simplify_decoder_model(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """:func:`simplify_decoder` as an ``onnx_ir.Model`` sharing ``proto``'s tensors (other graphs unchanged):
+    nothing is serialized, and weights stored externally (in ``base_dir``) stay mapped from their file."""
+    if base_dir is not None:
+        _load_small_external(proto, base_dir)
     model = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    if not any(n.op_type == GQA for n in model.graph):
+        return model
+    dims = _symbolic_dims(proto)
     for node in model.graph:  # the inferred element types, for the float -> float Casts the norms hold
         for v in node.outputs:
             if v.dtype is None and f"dtype:{v.name}" in (dims or {}):
@@ -56,7 +69,25 @@ def simplify_decoder(proto: onnx.ModelProto) -> onnx.ModelProto:
     logger.info("decoder clean-up: %d identity reshape(s) removed, %d attention(s) read a packed QKV MatMul, "
                 "%d group(s) of sibling MatMuls packed, %d residual RMS norm(s) fused", reshapes, packed, siblings,
                 norms)
-    return ir.serde.serialize_model(model)
+    return model
+
+
+def _load_small_external(proto: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
+    """Read into ``proto`` the externally stored tensors of node attributes (``Constant`` values) and the
+    small initializers (shapes, axes): shape inference needs their values, and a save streams initializers
+    into its data file but not attributes, which would point at ``base_dir``'s files."""
+    from onnx.external_data_helper import (
+        _get_attribute_tensors,
+        load_external_data_for_tensor,
+        uses_external_data,
+    )
+
+    small = [t for t in proto.graph.initializer if (int(np.prod(t.dims)) if t.dims else 1) <= _SMALL]
+    for t in [*small, *_get_attribute_tensors(proto)]:
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
 
 
 def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, tuple] | None:
@@ -183,6 +214,8 @@ def pack_qkv(model: ir.Model) -> int:
         node.replace_input_with(0, qkv)
         node.replace_input_with(1, None)
         node.replace_input_with(2, None)
+        del weights
+        _unmap(p[1] for p in parts)
         packed += 1
     return packed
 
@@ -201,8 +234,10 @@ def pack_siblings(model: ir.Model) -> int:
         groups.setdefault(id(node.inputs[0]), []).append(node)
     packed = 0
     for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
         weights = [n.inputs[1].const_value.numpy() for n in nodes]
-        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+        if len({(w.shape[0], w.dtype) for w in weights}) != 1:
             continue
         base = f"{nodes[0].name.rsplit('/', 2)[0]}/packed"
         w_val = add_initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
@@ -217,8 +252,22 @@ def pack_siblings(model: ir.Model) -> int:
             out.name = f"{n.name}_output_0"
             n.outputs[0].name = f"{n.name}_replaced"
             n.outputs[0].replace_all_uses_with(out)
+        del weights
+        _unmap(n.inputs[1] for n in nodes)
         packed += 1
     return packed
+
+
+def _unmap(values) -> None:
+    """Close the file mapping of weights read from an external data file, once packed: their pages leave the
+    process (read again, they map again)."""
+    for v in values:
+        tensor = v.const_value if v is not None else None
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:  # a view of it is still alive: it stays mapped
+                pass
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:

@@ -64,6 +64,7 @@ from ortq.validate.placement import (
     inspect_placement,
 )
 from ortq.validate.report import Thresholds, ValidationReport
+from ortq.validate.sequential import compare_one_at_a_time
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ __all__ = [
 ]
 
 NO_TASK = "none"
+# Above this size (the reference on disk, external data included) the models are validated with one session
+# alive at a time (see :mod:`ortq.validate.sequential`): two sessions would hold the weights twice.
+ONE_SESSION_BYTES = 1 << 30
 
 
 def validate(
@@ -115,6 +119,7 @@ def validate(
     top_k: int = 5,
     placement: bool = True,
     generative: GenerativeOptions | bool | None = None,
+    one_session_at_a_time: bool | None = None,
 ) -> ValidationReport:
     """Compare ``quantized`` with its fp32 ``reference`` on each requested execution provider.
 
@@ -142,6 +147,9 @@ def validate(
             with the default :class:`GenerativeOptions`, when both models are decoders with a KV cache and a
             tokenizer sits beside the reference (else the entry says why it did not run); False turns it off;
             True or a :class:`GenerativeOptions` require it (a :class:`ConfigError` when it cannot run).
+        one_session_at_a_time: open one session at a time (outputs kept on disk, each model timed alone rather
+            than alternated) so that memory holds one model's weights, not two; None does so when the
+            reference is over :data:`ONE_SESSION_BYTES` on disk.
 
     Returns:
         A :class:`ValidationReport`; ``report.violations`` lists every threshold violated and ``report.ok``
@@ -158,23 +166,21 @@ def validate(
     batches, data_source = pick_batches(data, r_model, batch_size=batch_size, num_samples=num_samples)
     settings = SessionSettings(threads=intra_op_num_threads)
 
+    if one_session_at_a_time is None:
+        one_session_at_a_time = model_summary(r_model)["size_bytes"] > ONE_SESSION_BYTES
     with tempfile.TemporaryDirectory(prefix="ortq-validate-") as cache_dir:
-        rows, sessions = open_sessions(
-            keys, availability, required, r_model, q_model, settings=settings, cache_dir=cache_dir
-        )
-        outputs = choose_outputs(sessions, batches[0], task)
-        for k, comparison in compare(sessions, batches, outputs, top_k).items():
-            rows[k].update(comparison.row())
-        if latency_runs > 0:
-            for k, pair in sessions.items():
-                rows[k]["latency"] = measure_latency(
-                    pair.reference, pair.quantized, batches[0], warmup_runs=warmup_runs, runs=latency_runs
-                )
-        session_block = session_settings(sessions)
-        sessions.clear()
+        if one_session_at_a_time:
+            rows, outputs, session_block = compare_one_at_a_time(
+                keys, availability, required, r_model, q_model, batches, task, top_k, settings=settings,
+                cache_dir=cache_dir, latency=(warmup_runs, latency_runs) if latency_runs > 0 else None,
+            )
+        else:
+            rows, outputs, session_block = _compare(keys, availability, required, r_model, q_model, batches, task,
+                                                    top_k, settings, cache_dir, (warmup_runs, latency_runs))
         if placement:
             _add_placement(rows, r_model, q_model, batches[0], intra_op_num_threads)
-    gen_block = generative_section(*gen_args, required=gen_required, threads=intra_op_num_threads)
+    gen_block = generative_section(*gen_args, required=gen_required, threads=intra_op_num_threads,
+                                   one_at_a_time=one_session_at_a_time)
 
     report = ValidationReport(
         {
@@ -188,7 +194,8 @@ def validate(
                 **session_block,
                 "warmup_runs": warmup_runs,
                 "latency_runs": latency_runs,
-                "latency_order": "alternating A B A B on the first batch",
+                "latency_order": "one model after the other on the first batch" if one_session_at_a_time
+                else "alternating A B A B on the first batch",
                 "providers_requested": keys,
                 "providers_required": sorted(required),
             },
@@ -201,6 +208,24 @@ def validate(
     if report_dir is not None:
         report.save(report_dir)
     return report
+
+
+def _compare(keys, availability, required, r_model, q_model, batches, task, top_k, settings, cache_dir, latency):
+    """Both sessions of each provider side by side: rows, outputs compared, session settings. The sessions
+    are closed on return."""
+    rows, sessions = open_sessions(
+        keys, availability, required, r_model, q_model, settings=settings, cache_dir=cache_dir
+    )
+    outputs = choose_outputs(sessions, batches[0], task)
+    for k, comparison in compare(sessions, batches, outputs, top_k).items():
+        rows[k].update(comparison.row())
+    warmup_runs, latency_runs = latency
+    if latency_runs > 0:
+        for k, pair in sessions.items():
+            rows[k]["latency"] = measure_latency(
+                pair.reference, pair.quantized, batches[0], warmup_runs=warmup_runs, runs=latency_runs
+            )
+    return rows, outputs, session_settings(sessions)
 
 
 def _check_arguments(num_samples: int, batch_size: int, latency_runs: int, warmup_runs: int, task: str | None):

@@ -154,14 +154,23 @@ def perplexity_agreement(reference: DecoderSession, quantized: DecoderSession,
 
 
 def greedy_and_speed(reference: str | os.PathLike, quantized: str | os.PathLike, prompts: Sequence[str], *,
-                     new_tokens: int, threads: int, rounds: int = 2) -> dict[str, Any]:
+                     new_tokens: int, threads: int, rounds: int = 2, one_at_a_time: bool = False) -> dict[str, Any]:
     """Greedy continuations of both models (first divergence per prompt) and their prefill / decode tokens
-    per second, best of ``rounds`` alternated passes after one warm-up."""
-    gens = {"reference": Generator(reference, threads=threads), "quantized": Generator(quantized, threads=threads)}
+    per second, best of ``rounds`` alternated passes after one warm-up (``one_at_a_time``: all rounds of the
+    reference, then of the quantized model, with one session alive)."""
+    paths = {"reference": reference, "quantized": quantized}
+    best: dict[str, dict[str, float]] = {k: {"prefill": 0.0, "decode": 0.0} for k in paths}
+    outputs: dict[str, list[list[int]]] = {k: [] for k in paths}
+    for group in ([[k] for k in paths] if one_at_a_time else [list(paths)]):
+        gens = {k: Generator(paths[k], threads=threads) for k in group}
+        _rounds(gens, prompts, new_tokens, rounds, best, outputs)
+        del gens  # closed before the next group's session opens
+    return _generation_result(prompts, new_tokens, threads, best, outputs)
+
+
+def _rounds(gens, prompts, new_tokens: int, rounds: int, best, outputs) -> None:
     for g in gens.values():
         g.generate(prompts[0], max_new_tokens=2)  # warm-up
-    best: dict[str, dict[str, float]] = {k: {"prefill": 0.0, "decode": 0.0} for k in gens}
-    outputs: dict[str, list[list[int]]] = {k: [] for k in gens}
     for r in range(rounds):
         for which, g in gens.items():
             pre_tok = pre_s = dec_tok = dec_s = 0.0
@@ -175,6 +184,9 @@ def greedy_and_speed(reference: str | os.PathLike, quantized: str | os.PathLike,
                     outputs[which].append(list(res.token_ids))
             best[which]["prefill"] = max(best[which]["prefill"], pre_tok / max(pre_s, 1e-9))
             best[which]["decode"] = max(best[which]["decode"], dec_tok / max(dec_s, 1e-9))
+
+
+def _generation_result(prompts, new_tokens: int, threads: int, best, outputs) -> dict[str, Any]:
     divergence = []
     for ref, q in zip(outputs["reference"], outputs["quantized"], strict=True):
         n = min(len(ref), len(q))
@@ -219,6 +231,7 @@ def evaluate_generative(
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     new_tokens: int = 32,
     threads: int = 2,
+    one_at_a_time: bool = False,
 ) -> dict[str, Any]:
     """Compare a quantized decoder with its fp32 reference (see the module docstring).
 
@@ -229,6 +242,8 @@ def evaluate_generative(
         prompts: prompts of the greedy continuations; empty for none (and no speed figures).
         new_tokens: tokens generated per prompt.
         threads: intra-op threads of every session.
+        one_at_a_time: one session alive at a time (models too large to hold twice); speeds are then measured
+            one model after the other rather than alternated.
 
     Returns:
         A JSON-able dict: ``domains`` (per domain :func:`perplexity_agreement`), ``generation``
@@ -236,7 +251,7 @@ def evaluate_generative(
     """
     if max_length < 2 or new_tokens < 1 or threads < 1:
         raise ConfigError("max_length must be >= 2, new_tokens and threads >= 1")
-    ref, q = DecoderSession(reference, threads), DecoderSession(quantized, threads)
+    ref = DecoderSession(reference, threads)
     tokenizer = load_tokenizer(ref.path.parent)
     if tokenizer is None:
         raise ModelError(f"{ref.path.parent}: no tokenizer files beside the reference model")
@@ -244,16 +259,27 @@ def evaluate_generative(
     if context is not None and context < max_length:
         logger.info("passages cut to the model's context of %d tokens", context)
         max_length = context
+    with_past = any(is_past_input(n) for n in ref.inputs)
     out: dict[str, Any] = {"max_length": max_length, "threads": threads, "domains": {}}
+    rows = {}
     for domain, domain_texts in texts.items():
-        rows = token_rows(tokenizer, domain_texts, max_length)
-        if not rows:
+        rows[domain] = token_rows(tokenizer, domain_texts, max_length)
+        if not rows[domain]:
             raise ConfigError(f"no text for domain {domain!r}")
-        out["domains"][domain] = perplexity_agreement(ref, q, rows)
+    q = None if one_at_a_time else DecoderSession(quantized, threads)
+    ref_scores = {domain: score_rows(ref, r) for domain, r in rows.items()}
+    if q is None:
+        del ref
+        q = DecoderSession(quantized, threads)
+    for domain, r in rows.items():
+        out["domains"][domain] = compare_scores(ref_scores[domain], score_rows(q, r))
         logger.info("%s: %s", domain, out["domains"][domain])
-    if prompts and any(is_past_input(n) for n in ref.inputs):
-        del ref, q
-        out["generation"] = greedy_and_speed(reference, quantized, prompts, new_tokens=new_tokens, threads=threads)
+    if prompts and with_past:
+        del q
+        if not one_at_a_time:
+            del ref
+        out["generation"] = greedy_and_speed(reference, quantized, prompts, new_tokens=new_tokens, threads=threads,
+                                             one_at_a_time=one_at_a_time)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return out
 
@@ -365,7 +391,7 @@ def generative_precheck(quantized: ModelFileLike, reference: ModelFileLike, opti
 
 
 def generative_section(quantized: ModelFileLike, reference: ModelFileLike, options: GenerativeOptions | None, *,
-                       required: bool, threads: int = 2) -> dict[str, Any] | None:
+                       required: bool, threads: int = 2, one_at_a_time: bool = False) -> dict[str, Any] | None:
     """The ``generative`` block of a validation report.
 
     Args:
@@ -373,6 +399,7 @@ def generative_section(quantized: ModelFileLike, reference: ModelFileLike, optio
         options: None when the user turned the evaluation off.
         required: the user asked for it (a generative-only option): see :func:`generative_precheck`.
         threads: intra-op threads of every session.
+        one_at_a_time: one session alive at a time (see :func:`evaluate_generative`).
 
     Returns:
         ``{"status": "ok", "domains": ..., "generation": ..., ...}``, ``{"status": "skipped", "reason": ...}``
@@ -388,7 +415,8 @@ def generative_section(quantized: ModelFileLike, reference: ModelFileLike, optio
         return {"status": "skipped", "reason": "no evaluation text: " + "; ".join(skipped.values())}
     prompts = options.prompts if options.new_tokens > 0 and not no_past else ()
     result = evaluate_generative(quantized[0], reference[0], texts, max_length=options.max_length, prompts=prompts,
-                                 new_tokens=max(options.new_tokens, 1), threads=threads)
+                                 new_tokens=max(options.new_tokens, 1), threads=threads,
+                                 one_at_a_time=one_at_a_time)
     if "generation" not in result:
         result["generation_skipped"] = "no KV cache" if no_past else "--new-tokens 0"
     return {"status": "ok", "source": source, "skipped_domains": skipped, **result}

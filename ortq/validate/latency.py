@@ -11,7 +11,7 @@ import numpy as np
 
 from ortq.runtime import batch_size_of, feed_for
 
-__all__ = ["measure_latency"]
+__all__ = ["combine_latency", "measure_latency", "time_session"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -62,6 +62,22 @@ def measure_latency(
         order = ("reference", "quantized") if i % 2 == 0 else ("quantized", "reference")
         for which in order:
             times[which].append(timed(which))
+    return combine_latency(n, warmup_runs, runs, {w: (first[w], warm[w], times[w]) for w in sessions})
+
+
+def time_session(session, feed: Mapping[str, np.ndarray], *, warmup_runs: int, runs: int):
+    """One model timed alone (``(first_ms, warm-up ms, timed ms)``), for models too large to hold two sessions
+    of: see :func:`combine_latency`."""
+    feed = feed_for(session, feed)
+    warm = [_time_run(session, feed) for _ in range(max(1, warmup_runs))]
+    return warm[0], warm, [_time_run(session, feed) for _ in range(runs)]
+
+
+def combine_latency(n: int, warmup_runs: int, runs: int, timed: Mapping[str, tuple[float, list, list]]) -> dict[str, Any]:
+    """The latency entry from each model's ``(first_ms, warm-up ms, timed ms)`` (``reference``, ``quantized``)."""
+    first = {w: t[0] for w, t in timed.items()}
+    warm = {w: t[1] for w, t in timed.items()}
+    times = {w: t[2] for w, t in timed.items()}
     out: dict[str, Any] = {"batch_size": n, "warmup_runs": warmup_runs, "runs": runs}
     for which in ("reference", "quantized"):
         t = times[which] or warm[which]

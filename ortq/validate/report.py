@@ -394,11 +394,13 @@ def render_markdown(data: dict[str, Any]) -> str:
         )
     d = data.get("data", {})
     s = data.get("settings", {})
+    one_by_one = str(s.get("latency_order", "")).startswith("one")
+    order = "runs per model, one model after the other" if one_by_one else "alternating runs per model"
     lines.append(
         f"Data: {_esc(d.get('source'))}; {d.get('num_samples')} samples in {d.get('num_batches')} batches of "
         f"{d.get('batch_size')}. Task: {data.get('task')}. Threads: intra_op={s.get('intra_op_num_threads')}, "
         f"inter_op={s.get('inter_op_num_threads')}. Latency: {s.get('warmup_runs')} warm-up then "
-        f"{s.get('latency_runs')} alternating runs per model."
+        f"{s.get('latency_runs')} {order}."
     )
     lines.append("")
     lines.append("## Providers")
