@@ -43,6 +43,22 @@ class SessionPair:
     quantized: Any
 
 
+def provider_rows(keys: Sequence[str], availability: Mapping[str, tuple[bool, str | None]]
+                  ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+    """A report row per provider (``skipped`` with the reason where it is not available), and the
+    ``(key, row)`` pairs of those that can be tried."""
+    rows: dict[str, dict[str, Any]] = {}
+    runnable = []
+    for k in keys:
+        rows[k] = row = {"name": k, "execution_provider": EXECUTION_PROVIDERS[k]}
+        ok, reason = availability[k]
+        if ok:
+            runnable.append((k, row))
+        else:
+            row.update(status="skipped", reason=reason)
+    return rows, runnable
+
+
 def open_sessions(
     keys: Sequence[str],
     availability: Mapping[str, tuple[bool, str | None]],
@@ -59,16 +75,10 @@ def open_sessions(
     is in ``required``: then :class:`ValidationFailed` is raised. The quantized session of TensorRT gets INT8
     enabled when the model holds QDQ nodes.
     """
-    rows: dict[str, dict[str, Any]] = {}
+    rows, runnable = provider_rows(keys, availability)
     sessions: dict[str, SessionPair] = {}
     int8_qdq = has_qdq(quantized.proto)
-    for k in keys:
-        row: dict[str, Any] = {"name": k, "execution_provider": EXECUTION_PROVIDERS[k]}
-        rows[k] = row
-        ok, reason = availability[k]
-        if not ok:
-            row.update(status="skipped", reason=reason)
-            continue
+    for k, row in runnable:
         try:
             rs = create_session(
                 reference.path, provider=k, settings=settings, trt_cache_dir=cache_dir, what=str(reference.path)

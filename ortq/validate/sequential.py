@@ -20,7 +20,6 @@ import onnx
 
 from ortq.errors import CalibrationDataError, ModelError, ValidationFailed, first_line
 from ortq.runtime import (
-    EXECUTION_PROVIDERS,
     ProviderFailed,
     SessionSettings,
     batch_size_of,
@@ -29,7 +28,7 @@ from ortq.runtime import (
     run_batches,
 )
 from ortq.tasks import task_from_outputs
-from ortq.validate.compare import Comparison, Outputs
+from ortq.validate.compare import Comparison, Outputs, provider_rows
 from ortq.validate.inputs import ModelFile
 from ortq.validate.latency import combine_latency, time_session
 from ortq.validate.placement import has_qdq
@@ -83,18 +82,12 @@ def compare_one_at_a_time(
             "the quantized and reference models share no float output name; validate models with the same outputs"
         )
     folder = Path(cache_dir)
-    rows: dict[str, dict[str, Any]] = {}
+    rows, runnable = provider_rows(keys, availability)
     outputs: Outputs | None = None
     block: dict[str, Any] = {}
     ran: list[str] = []
     int8_qdq = has_qdq(quantized.proto)
-    for k in keys:
-        row: dict[str, Any] = {"name": k, "execution_provider": EXECUTION_PROVIDERS[k]}
-        rows[k] = row
-        ok, reason = availability[k]
-        if not ok:
-            row.update(status="skipped", reason=reason)
-            continue
+    for k, row in runnable:
         timed = {}
         try:
             for which, m in zip(WHICH, (reference, quantized), strict=True):
