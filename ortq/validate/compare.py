@@ -232,12 +232,17 @@ def _pair_runs(
             )
         )
     except CalibrationDataError as exc:
-        cause = exc.__cause__
-        if cause is None:
+        if exc.__cause__ is None:
             raise
-        if key == "cpu":
-            raise ModelError(f"onnxruntime failed to run the models on cpu: {cause}") from cause
-        raise ValidationFailed(f"{key}: run failed: {first_line(cause)}") from cause
+        raise run_failure(key, exc.__cause__) from exc.__cause__
+
+
+def run_failure(key: str, cause: BaseException) -> Exception:
+    """What ONNX Runtime failing to run the models on provider ``key`` is: a :class:`ModelError` on the CPU,
+    :class:`ValidationFailed` elsewhere."""
+    if key == "cpu":
+        return ModelError(f"onnxruntime failed to run the models on cpu: {cause}")
+    return ValidationFailed(f"{key}: run failed: {first_line(cause)}")
 
 
 def compare(

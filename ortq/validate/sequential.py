@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ortq.errors import CalibrationDataError, ModelError, ValidationFailed, first_line
+from ortq.errors import CalibrationDataError, ModelError, ValidationFailed
 from ortq.runtime import (
     ProviderFailed,
     SessionSettings,
@@ -28,7 +28,7 @@ from ortq.runtime import (
     run_batches,
 )
 from ortq.tasks import task_from_outputs
-from ortq.validate.compare import Comparison, Outputs, provider_rows
+from ortq.validate.compare import Comparison, Outputs, provider_rows, run_failure
 from ortq.validate.inputs import ModelFile
 from ortq.validate.latency import combine_latency, time_session
 from ortq.validate.placement import has_qdq
@@ -130,12 +130,9 @@ def _runs(key: str, which: str, sess, batches, names):
     try:
         yield from run_batches(sess, batches, names, what=f"the {model} model on {key}")
     except CalibrationDataError as exc:
-        cause = exc.__cause__
-        if cause is None:
+        if exc.__cause__ is None:
             raise
-        if key == "cpu":
-            raise ModelError(f"onnxruntime failed to run the models on cpu: {cause}") from cause
-        raise ValidationFailed(f"{key}: run failed: {first_line(cause)}") from cause
+        raise run_failure(key, exc.__cause__) from exc.__cause__
 
 
 def _accumulate(rows, ran: list[str], outputs: Outputs, batches, names: list[str], folder: Path, top_k: int) -> None:
