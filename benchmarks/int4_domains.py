@@ -38,7 +38,7 @@ from ortq.passes.cpu_kernels import CpuKernelsPass
 from ortq.passes.matmul_nbits import MatMulNBitsPass
 from ortq.quantize_steps import weight_only_statistics
 from ortq.quantizer import ORTQuantizer
-from ortq.validate.generative import _Decoder, perplexity_agreement
+from ortq.validate.generative import DecoderSession, perplexity_agreement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -54,6 +54,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-asym-fp32": ("re-quantized: gptq asymmetric, float32 scales (old default without the grid)",
                        {"keep_source_grid": False, "symmetric": False, "sensitive_budget": 0.0,
                         "float16_scales": False}),
+    "offsets": ("gptq symmetric + sensitive_budget 0.1 where upgrades may carry grids with block offsets",
+                {"block_offsets": True}),
+    "budget-16": ("gptq symmetric + sensitive_budget 0.16 (upgrades to 8 bits or offset-free grids)",
+                  {"sensitive_budget": 0.16}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats_cache is not None:
             args.stats_cache.write_bytes(pickle.dumps(stats))
     print(f"statistics: {stats['calibration']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    ref = _Decoder(args.fp32, THREADS)
+    ref = DecoderSession(args.fp32, THREADS)
     results = []
     for name in args.recipes:
         desc, overrides = RECIPES[name]
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         report = _quantize(quantizer, config, stats, folder)
         q_s = time.perf_counter() - t0
-        q = _Decoder(folder, THREADS)
+        q = DecoderSession(folder, THREADS)
         domains = {d: perplexity_agreement(ref, q, rows) for d, rows in rows_by_domain.items()}
         del q
         row = {

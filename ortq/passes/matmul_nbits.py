@@ -232,8 +232,10 @@ class _Plan:
 
 
 def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
-          hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool) -> _Plan:
-    """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``)."""
+          hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool,
+          offsets: bool = True) -> _Plan:
+    """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``; one
+    that needs block offsets only with ``offsets``)."""
     k, n = site.w.shape
     bs, sym = _layer_format(config, bits, k)
     w_t = np.ascontiguousarray(site.w.T)
@@ -242,7 +244,7 @@ def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgo
     tied = bool(site.tied_gather)
     importance = mean_squares.get(act) if not tied else None
     grid = exact_source_grid(w_t, bits, config.block_size) if keep_grid else None
-    if grid is not None and grid.offsets is not None and tied:
+    if grid is not None and grid.offsets is not None and (tied or not offsets):
         grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
     if grid is not None:
         bq = grid.blocks
@@ -286,14 +288,15 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
         error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
         now = stored_bytes(p.bq, float16=p.float16)
         grid = exact_source_grid(np.ascontiguousarray(p.site.w.T), 8, config.block_size)
-        if grid is not None and not (grid.offsets is not None and p.site.tied_gather):
+        if grid is not None and not (grid.offsets is not None and (p.site.tied_gather or not config.block_offsets)):
             candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
         else:
             extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
             candidates.append(Upgrade(key, error, error / 16, extra))
     for key in choose_upgrades(candidates, budget):
         old = plans[key]
-        plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True)
+        plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True,
+                                 offsets=config.block_offsets)
         new.entry["bits_reason"] = (
             f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
             f"at {config.bits} bits"
