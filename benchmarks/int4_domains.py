@@ -54,10 +54,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-asym-fp32": ("re-quantized: gptq asymmetric, float32 scales (old default without the grid)",
                        {"keep_source_grid": False, "symmetric": False, "sensitive_budget": 0.0,
                         "float16_scales": False}),
-    "offsets": ("gptq symmetric + sensitive_budget 0.1 where upgrades may carry grids with block offsets",
-                {"block_offsets": True}),
-    "budget-16": ("gptq symmetric + sensitive_budget 0.16 (upgrades to 8 bits or offset-free grids)",
-                  {"sensitive_budget": 0.16}),
+    "no-offsets": ("gptq symmetric + sensitive_budget 0.1, upgrades to 8 bits only (`--no-block-offsets`)",
+                   {"block_offsets": False}),
+    "all-4bit": ("gptq symmetric everywhere, lm_head too (`--sensitive-budget 0 --no-auto-int8`)",
+                 {"sensitive_budget": 0.0, "auto_int8_sensitive": False}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

@@ -98,7 +98,8 @@ def _weight_only_config(args: argparse.Namespace):
     bits = {"int4": 4, "int8": 8}[args.weight_only]
     # Options left unset keep WeightOnlyConfig's defaults.
     optional = {"symmetric": args.symmetric, "keep_source_grid": args.keep_source_grid,
-                "sensitive_budget": args.sensitive_budget, "algorithm": args.algorithm}
+                "sensitive_budget": args.sensitive_budget, "algorithm": args.algorithm,
+                "block_offsets": args.block_offsets}
     return WeightOnlyConfig(
         bits=bits,
         block_size=args.block_size,
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitive-budget", type=float, default=None, metavar="FRACTION",
                    help="weight-only: extra bytes, as a fraction of the 4-bit layers' bytes, for the layers with the "
                    "largest measured error (their source grid, else 8 bits; 0: none)")
+    p.add_argument("--block-offsets", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-only: a layer the budget upgrades may carry a grid that needs per-block offsets "
+                   "(exact, but two more MatMuls and an Add per layer at run time; --no-block-offsets: 8 bits instead)")
     p.add_argument(
         "--accuracy-level",
         choices=["0", "1", "2", "3", "4", "unset"],

@@ -173,3 +173,25 @@ def test_embeddings_pass_replaces_the_table_and_reports():
     ids = rng.integers(0, 1024, size=(2, 5))
     out = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(out.run(None, {"ids": ids})[0], table[ids], atol=0.05)
+
+
+def test_tied_4bit_lm_head_uses_gptq_and_the_gather_reads_its_codes():
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    x = rng.standard_normal((512, D)) * np.exp(rng.normal(0, 1.0, D))  # uneven channel energies
+    hessians = {"h": (x.T @ x).astype(np.float64)}
+    config = WeightOnlyConfig(auto_int8_sensitive=False, accuracy_level=None, sensitive_budget=0.0)
+    model, report = quantize_weight_only(ir.from_proto(_model(table, tied=True)), config, hessians=hessians)
+    (entry,) = report["nodes"]
+    assert entry["algorithm"] == "gptq" and entry["tied_gathers"] == ["embed"] and entry["bits"] == 4
+    _, rtn = quantize_weight_only(ir.from_proto(_model(table, tied=True)),
+                                  WeightOnlyConfig(auto_int8_sensitive=False, accuracy_level=None,
+                                                   sensitive_budget=0.0, algorithm="rtn"), hessians=hessians)
+    assert entry["output_rel_rmse"] < rtn["nodes"][0]["output_rel_rmse"]
+    qproto = ir.to_proto(model)
+    onnx.checker.check_model(qproto)
+    ids = rng.integers(0, V, (2, 5))
+    h, logits = _run(qproto, ids)
+    deq = _gbq_reference(qproto)
+    np.testing.assert_array_equal(h, deq[ids])
+    np.testing.assert_allclose(logits, deq[ids] @ deq.T, rtol=1e-4, atol=1e-4)

@@ -77,6 +77,12 @@ def test_budget_carries_a_source_grid_exactly_instead_of_8_bits():
     assert report["source_grid"]["carried"] == ["fc1"]
     assert by_node["fc1"]["weight_rel_rmse"] == 0.0 and by_node["fc1"]["bits"] == 4
     assert by_node["fc2"]["grid"] == "requantized" and by_node["fc2"]["symmetric"]
+    # Without block offsets (a Q4_1 grid needs them), the same upgrade is 8 bits: no extra ops at run time.
+    _, report = _quantize(proto, dataclasses.replace(config, block_offsets=False, sensitive_budget=0.6), batches)
+    by_node = {e["node"]: e for e in report["nodes"]}
+    assert report["source_grid"]["carried"] == []
+    assert by_node["fc1"]["bits"] == 8 and by_node["fc1"]["grid"] == "requantized"
+    assert "block_offsets" not in by_node["fc1"]
 
 
 def test_sensitive_budget_is_validated():
