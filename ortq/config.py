@@ -184,6 +184,10 @@ class QuantizationConfig(_JsonConfig):
             than the ops they replace (see :mod:`ortq.passes.cpu_kernels`; CPU presets).
         smooth_quant_alpha: SmoothQuant migration strength in [0, 1] for MatMuls with constant weights,
             ``"auto"`` to search it per activation on calibration rows (the presets' default), None: off.
+        narrow_saturated_ranges: quantize an activation over the part of its range its consumers tell apart
+            (a Hardswish / Hardsigmoid / SiLU input below the point where its gate is zero, a Clip's input
+            inside the Clip's bounds), not its whole calibrated range: a finer step at no cost, since the
+            values cut off saturate downstream anyway (:mod:`ortq.passes.saturation`).
         preset: the name of the preset this config came from, for reports.
     """
 
@@ -204,6 +208,7 @@ class QuantizationConfig(_JsonConfig):
     weight_storage_bits: int = 8
     storage_block_size: int = 32
     smooth_quant_alpha: float | str | None = None
+    narrow_saturated_ranges: bool = True
     preset: str | None = None
 
     def __post_init__(self) -> None:

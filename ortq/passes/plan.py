@@ -29,6 +29,7 @@ from ortq.passes.int8_graph import (
     is_chain_op,
     scalar_constant,
 )
+from ortq.passes.saturation import narrowed_range
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,13 @@ def _fold_qparams(rng: TensorRange, bounds: tuple[float, float], config: Quantiz
     return QParams(np.array(scale, dtype=np.float32), qp.zero_point, qp.dtype)
 
 
+def _activation_range(value: ir.Value, config: QuantizationConfig, ranges: Mapping[str, TensorRange]) -> TensorRange:
+    """The calibrated range of ``value``, cut to what its consumers tell apart when the config asks
+    (:mod:`ortq.passes.saturation`)."""
+    rng = ranges[value.name]
+    return narrowed_range(value, rng, ranges) if config.narrow_saturated_ranges else rng
+
+
 def _plan_output(node: ir.Node, config: QuantizationConfig, ranges: Mapping[str, TensorRange], plan: QuantPlan,
                  folded: dict[str, str]) -> str:
     """Quantize the output of an int8 kernel (folding a following Relu / Clip when the range allows); return
@@ -390,8 +398,8 @@ def _plan_output(node: ir.Node, config: QuantizationConfig, ranges: Mapping[str,
     problem = _range_problem(out.name, ranges)
     if problem:
         return f"; output left float ({problem})"
-    plan.activations.setdefault(out.name, activation_qparams(ranges[out.name], config.activations_dtype,
-                                                             config.activations_symmetric))
+    plan.activations.setdefault(out.name, activation_qparams(_activation_range(out, config, ranges),
+                                                             config.activations_dtype, config.activations_symmetric))
     plan.rewire_all.add(out.name)
     return "; output int8"
 
@@ -479,7 +487,8 @@ def _decide(
             problem = _range_problem(v.name, ranges)
             if problem:
                 return keep(problem)
-            acts[v.name] = activation_qparams(ranges[v.name], config.activations_dtype, config.activations_symmetric)
+            acts[v.name] = activation_qparams(_activation_range(v, config, ranges), config.activations_dtype,
+                                              config.activations_symmetric)
         else:
             w = v.const_value.numpy()
             if not np.isfinite(w).all():
