@@ -277,12 +277,12 @@ class WeightOnlyConfig(_JsonConfig):
             layers whose measured error (relative output error on the calibration data) is largest per extra
             byte: each gets the grid its weight lies on (a GGUF source), else 8 bits (k-quant style mixed
             precision, chosen by measurement; :mod:`ortq.passes.weight_budget`). 0: none. On SmolLM2's GGUF,
-            symmetric gptq: +3.8 % / +6.9 % at 90.2 MB without, +2.4 % / +3.1 % at 96.6 MB with 0.1.
+            symmetric gptq: +3.9 % / +6.7 % at 91.4 MB without, +2.8 % / +3.8 % at 97.8 MB with 0.1.
         block_offsets: a layer the sensitivity budget upgrades may carry a source grid that needs per-block
             offsets (a GGUF Q4_1 block minimum that is not a whole number of steps): exact, but two more MatMuls
             and an Add per layer at run time. Off: such a layer goes to 8 bits instead (``keep_source_grid``
-            carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.4 % / +3.1 %
-            perplexity (in-domain / news) and 129 decode tokens/s with offsets, +3.7 % / +6.5 % and 153 tokens/s
+            carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.8 % / +3.8 %
+            perplexity (in-domain / news) and 146.9 decode tokens/s with offsets, +3.7 % / +6.5 % and 169.8
             without (``benchmarks/int4_domains.py``, ``benchmarks/generation.py``).
         float16_scales: block scales (and a carried grid's block offsets) stored in float16 and cast to
             float32 by a constant ``Cast`` that ONNX Runtime folds when the session is created: half a bit per
