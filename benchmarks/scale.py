@@ -10,11 +10,13 @@ ones, bit for bit.
 ``large``: a Llama-style LlamaForCausalLM from a config with seeded random weights (``--params-m`` million
 parameters; MiniLM's tokenizer), then each step in its own subprocess under GNU ``time -v`` (peak RSS of
 the whole process, wall time): ``ortq.export.export`` (no parity check), ``ortq quantize --weight-only int4`` (RTN, or GPTQ with
-``--gptq``), ``--weight-only int8`` (8-bit weight-only), and ``ortq validate`` of both against fp32 on 16
-held-out sentences (cosine of the logits).
+``--gptq``), ``--weight-only int8`` (8-bit weight-only), ``ortq quantize`` static int8 (the CLI's default: QDQ,
+the host preset with SmoothQuant, minmax ranges, calibrated on ``--calib-samples`` sentences), and ``ortq
+validate`` of each against fp32 on 16 held-out sentences (cosine of the logits; ``--no-generative`` leaves out
+the perplexity / generation part of a decoder's validation, the longest).
 
     python benchmarks/scale.py ray [--samples 512]
-    python benchmarks/scale.py large [--params-m 600] [--gptq] [--keep DIR]
+    python benchmarks/scale.py large [--params-m 600] [--gptq] [--calib-samples 16] [--no-generative] [--keep DIR]
 
 Prints a table and writes benchmarks/results/scale_ray.json / scale_large.json.
 """
@@ -210,11 +212,14 @@ def bench_large(args: argparse.Namespace) -> dict:
         steps["int8_weight_only"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int8w"),
                                             "--overwrite", "--weight-only", "int8", "--algorithm", "rtn"],
                                            work / "int8w.log")
+        steps["int8_static"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int8"), "--overwrite",
+                                       "--num-samples", str(args.calib_samples)], work / "int8.log")
         cosines = {}
-        for name, folder in (("int4", "int4"), ("int8_weight_only", "int8w")):
+        extra = ["--no-generative"] if args.no_generative else []
+        for name, folder in (("int4", "int4"), ("int8_weight_only", "int8w"), ("int8_static", "int8")):
             report = work / f"{folder}-report"
             steps[f"validate_{name}"] = _timed([*ortq, "validate", str(work / folder), "--reference", str(fp32),
-                                                "--num-samples", "16", "--report-dir", str(report)],
+                                                "--num-samples", "16", "--report-dir", str(report), *extra],
                                                work / f"validate-{folder}.log")
             try:
                 data = json.loads((report / "report.json").read_text())
@@ -226,7 +231,9 @@ def bench_large(args: argparse.Namespace) -> dict:
             step["step"] = name
             step["rss_minus_size_mb"] = (step["peak_rss_mb"] - round(size)) if step["peak_rss_mb"] else None
         return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mb_on_disk": round(size),
-                "algorithm": "gptq" if args.gptq else "rtn", "steps": list(steps.values()), "logits_cosine": cosines}
+                "algorithm": "gptq" if args.gptq else "rtn", "calibration_samples_int8": args.calib_samples,
+                "generative_validation": not args.no_generative, "steps": list(steps.values()),
+                "logits_cosine": cosines}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -240,6 +247,8 @@ def main() -> None:
     p = sub.add_parser("large")
     p.add_argument("--params-m", type=int, default=600)
     p.add_argument("--gptq", action="store_true")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sentences of the static int8 step")
+    p.add_argument("--no-generative", action="store_true", help="validate without the perplexity / generation part")
     p.add_argument("--keep", help="work folder to keep (and reuse the built source model)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from ortq.errors import CalibrationDataError, ConfigError, ModelError, OrtqError, first_line
-from ortq.io import has_external_tensors, needs_external_data
+from ortq.io import has_external_tensors, needs_external_data, unmap_all
 from ortq.progress import progress
 
 EXECUTION_PROVIDERS = {
@@ -238,6 +238,7 @@ def _session_source(model: Any) -> tuple[str | bytes, tempfile.TemporaryDirector
         tmp = tempfile.TemporaryDirectory(prefix="ortq-session-", ignore_cleanup_errors=True)
         path = Path(tmp.name) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
+        unmap_all(model)  # the session reads the weights from the copy: this process lets go of its pages
         return str(path), tmp
     if not needs_external_data(model):
         return model.SerializeToString(), None
