@@ -16,7 +16,8 @@ validate`` of each against fp32 on 16 held-out sentences (cosine of the logits; 
 the perplexity / generation part of a decoder's validation, the longest).
 
     python benchmarks/scale.py ray [--samples 512]
-    python benchmarks/scale.py large [--params-m 600] [--gptq] [--calib-samples 16] [--no-generative] [--keep DIR]
+    python benchmarks/scale.py large [--params-m 600] [--gptq] [--calib-samples 16] [--no-generative]
+        [--latency-runs N] [--keep DIR]
 
 Prints a table and writes benchmarks/results/scale_ray.json / scale_large.json.
 """
@@ -216,6 +217,7 @@ def bench_large(args: argparse.Namespace) -> dict:
                                        "--num-samples", str(args.calib_samples)], work / "int8.log")
         cosines = {}
         extra = ["--no-generative"] if args.no_generative else []
+        extra += ["--latency-runs", str(args.latency_runs)] if args.latency_runs is not None else []
         for name, folder in (("int4", "int4"), ("int8_weight_only", "int8w"), ("int8_static", "int8")):
             report = work / f"{folder}-report"
             steps[f"validate_{name}"] = _timed([*ortq, "validate", str(work / folder), "--reference", str(fp32),
@@ -232,7 +234,8 @@ def bench_large(args: argparse.Namespace) -> dict:
             step["rss_minus_size_mb"] = (step["peak_rss_mb"] - round(size)) if step["peak_rss_mb"] else None
         return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mb_on_disk": round(size),
                 "algorithm": "gptq" if args.gptq else "rtn", "calibration_samples_int8": args.calib_samples,
-                "generative_validation": not args.no_generative, "steps": list(steps.values()),
+                "generative_validation": not args.no_generative, "validate_latency_runs": args.latency_runs,
+                "steps": list(steps.values()),
                 "logits_cosine": cosines}
     finally:
         if not args.keep:
@@ -249,6 +252,7 @@ def main() -> None:
     p.add_argument("--gptq", action="store_true")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration sentences of the static int8 step")
     p.add_argument("--no-generative", action="store_true", help="validate without the perplexity / generation part")
+    p.add_argument("--latency-runs", type=int, help="timed runs per model in validate (default: validate's)")
     p.add_argument("--keep", help="work folder to keep (and reuse the built source model)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
