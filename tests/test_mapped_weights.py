@@ -95,3 +95,23 @@ def test_relative_errors_by_row_chunks_match_one_pass():
     assert whole.keys() == chunked.keys() == {"weight_rel_rmse", "output_rel_rmse"}
     for key in whole:
         assert chunked[key] == pytest.approx(whole[key], rel=1e-12)
+
+
+def test_smoothquant_rows_fetched_in_groups_are_the_same(tiny_llama_dir, monkeypatch):
+    """Whole activations for SmoothQuant's row sample come a few per run under a byte budget: the same rows and
+    maxima as all in one run."""
+    from ortq.calibrators import activations
+    from ortq.passes.smooth import smooth_groups
+    from ortq.quantize_steps import QuantizeSteps
+
+    steps = QuantizeSteps(tiny_llama_dir / "model.onnx")
+    feeds = list(steps.batches(real_text("calibration", 8), batch_size=4))
+    names = [g.activation for g in smooth_groups(steps.model.clone())]
+    assert len(names) > 2
+    one = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
+    monkeypatch.setattr(activations, "ROW_FETCH_BYTES", 1)  # one activation per run
+    assert len(activations._fetch_groups(names, activations._last_dims(steps.model, names), feeds[0])) == len(names)
+    grouped = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
+    for name in names:
+        np.testing.assert_array_equal(one.absmax[name], grouped.absmax[name])
+        np.testing.assert_array_equal(one.rows[name], grouped.rows[name])
