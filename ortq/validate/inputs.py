@@ -15,7 +15,7 @@ import onnx
 
 from ortq.data import graph_inputs, load_batches, real_text
 from ortq.errors import CalibrationDataError, ModelError
-from ortq.io import has_tokenizer, resolve_model_path
+from ortq.io import has_tokenizer, load_graph, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +47,13 @@ def load_model_file(model: str | os.PathLike) -> ModelFile:
     p = Path(model)
     path = resolve_model_path(p)
     try:
-        proto = _without_weights(onnx.load(str(path), load_external_data=False))
+        proto = load_graph(path)
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
     folder = p if p.is_dir() else None
     if folder is None and has_tokenizer(path.parent):
         folder = path.parent
     return ModelFile(path, folder, proto)
-
-
-def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with its initializers' values left out (names, types, shapes and external-data references
-    stay): validation reads the graph, its sessions read the file. A quantized model under 2 GB holds its
-    weights inline; not keeping a copy here spares their size while a session holds the reference's."""
-    stubs = []
-    for t in proto.graph.initializer:
-        stub = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type, data_location=t.data_location)
-        stub.external_data.extend(t.external_data)
-        stubs.append(stub)
-    del proto.graph.initializer[:]
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)  # the graph without initializers: the message holding the weights is dropped whole
-    light.graph.initializer.extend(stubs)
-    return light
 
 
 def model_summary(m: ModelFile) -> dict[str, Any]:
