@@ -154,7 +154,7 @@ def _parse_time_log(log: Path, seconds: float) -> dict:
         seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":"))))
     rc = re.search(r"Exit status: (\d+)", text)
     failed = rc is not None and rc.group(1) != "0"
-    return {"seconds": round(seconds, 1), "peak_rss_mb": int(rss.group(1)) // 1024 if rss else None,
+    return {"seconds": round(seconds, 1), "peak_rss_mib": int(rss.group(1)) // 1024 if rss else None,
             "rc": int(rc.group(1)) if rc else None, "log_tail": text[-400:] if failed else ""}
 
 
@@ -206,7 +206,7 @@ def bench_large(args: argparse.Namespace) -> dict:
         else:
             steps["export"] = _timed([sys.executable, "-c", export], work / "export.log")
         fp32 = work / "fp32"
-        size = sum(f.stat().st_size for f in fp32.glob("model.onnx*")) / 1e6
+        size = sum(f.stat().st_size for f in fp32.glob("model.onnx*")) / 2**20  # MiB, as GNU time's peak RSS
         algo = ["--algorithm", "gptq", "--num-samples", "32"] if args.gptq else ["--algorithm", "rtn"]
         steps["int4"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int4"), "--overwrite",
                                 "--weight-only", "int4", *algo], work / "int4.log")
@@ -231,8 +231,10 @@ def bench_large(args: argparse.Namespace) -> dict:
                 cosines[name] = f"unavailable ({type(exc).__name__})"
         for name, step in steps.items():
             step["step"] = name
-            step["rss_minus_size_mb"] = (step["peak_rss_mb"] - round(size)) if step["peak_rss_mb"] else None
-        return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mb_on_disk": round(size),
+            over = step["peak_rss_mib"] - round(size) if step["peak_rss_mib"] else None
+            step["rss_minus_size_mib"] = over
+            step["s_plus_gib"] = round(over / 1024, 2) if over is not None else None
+        return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mib_on_disk": round(size),
                 "algorithm": "gptq" if args.gptq else "rtn", "calibration_samples_int8": args.calib_samples,
                 "generative_validation": not args.no_generative, "validate_latency_runs": args.latency_runs,
                 "steps": list(steps.values()),
@@ -262,8 +264,8 @@ def main() -> None:
         print(f"floor (one fp32 pass, {THREADS} threads): {result['floor_seconds']} s; {result['on_paper']}")
     else:
         result = bench_large(args)
-        print(table(result["steps"], ["step", "seconds", "peak_rss_mb", "rss_minus_size_mb", "rc"]))
-        print(f"fp32 on disk: {result['fp32_mb_on_disk']} MB; logits cosine: {result['logits_cosine']}")
+        print(table(result["steps"], ["step", "seconds", "peak_rss_mib", "rss_minus_size_mib", "s_plus_gib", "rc"]))
+        print(f"fp32 on disk (S): {result['fp32_mib_on_disk']} MiB; logits cosine: {result['logits_cosine']}")
     out = RESULTS / f"scale_{args.what}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
