@@ -131,9 +131,9 @@ def channel_absmax(
     activations = list(activations)
     additions, outputs = _absmax_additions(model, activations, sample_rows)
     widths = _last_dims(model, activations) if sample_rows else {}
-    # No memory pattern: batches padded to their longest sentence come in many shapes, and a plan cached per
-    # shape grows the RSS (by GBs on a large model) while the session holds its weights.
-    session = observed_session(model, additions, settings=SessionSettings(memory_pattern=False),
+    # No memory pattern nor arena: batches padded to their longest sentence come in many shapes, and what is
+    # kept for them grows the RSS (by GBs on a large model) while the session holds its weights.
+    session = observed_session(model, additions, settings=SessionSettings(memory_pattern=False, arena=False),
                                what="the model for SmoothQuant")
     stats = ActivationStatistics()
     samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
@@ -185,7 +185,7 @@ class MomentsJob(ShardJob):
         additions.graph.output.extend(
             onnx.helper.make_empty_tensor_value_info(n) for n in self.activations if n not in existing
         )
-        settings = SessionSettings(optimization="disable", memory_pattern=False)
+        settings = SessionSettings(optimization="disable", memory_pattern=False, arena=False)
         return observed_session(model, additions, settings=settings, what="the model for weight statistics")
 
     def run(self, opened, batches: Sequence[Mapping[str, np.ndarray]]) -> ActivationStatistics:

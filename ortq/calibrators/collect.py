@@ -242,7 +242,7 @@ class RangeCollector:
         if self._session is None:
             # Plain execution (fusions could remove the very tensors observed); no memory pattern: batches
             # padded to their longest sentence come in many shapes, and a pattern cached per shape grows the RSS.
-            settings = SessionSettings(threads=self._threads, optimization="basic", memory_pattern=False)
+            settings = SessionSettings(threads=self._threads, optimization="basic", memory_pattern=False, arena=False)
             self._session = observed_session(
                 self._model, self._extra, settings=settings, providers=self._providers,
                 what="the model for calibration",
