@@ -10,11 +10,14 @@ ones, bit for bit.
 ``large``: a Llama-style LlamaForCausalLM from a config with seeded random weights (``--params-m`` million
 parameters; MiniLM's tokenizer), then each step in its own subprocess under GNU ``time -v`` (peak RSS of
 the whole process, wall time): ``ortq.export.export`` (no parity check), ``ortq quantize --weight-only int4`` (RTN, or GPTQ with
-``--gptq``), ``--weight-only int8`` (8-bit weight-only), and ``ortq validate`` of both against fp32 on 16
-held-out sentences (cosine of the logits).
+``--gptq``), ``--weight-only int8`` (8-bit weight-only), ``ortq quantize`` static int8 (the CLI's default: QDQ,
+the host preset with SmoothQuant, minmax ranges, calibrated on ``--calib-samples`` sentences), and ``ortq
+validate`` of each against fp32 on 16 held-out sentences (cosine of the logits; ``--no-generative`` leaves out
+the perplexity / generation part of a decoder's validation, the longest).
 
     python benchmarks/scale.py ray [--samples 512]
-    python benchmarks/scale.py large [--params-m 600] [--gptq] [--keep DIR]
+    python benchmarks/scale.py large [--params-m 600] [--gptq] [--calib-samples 16] [--no-generative]
+        [--latency-runs N] [--keep DIR]
 
 Prints a table and writes benchmarks/results/scale_ray.json / scale_large.json.
 """
@@ -151,7 +154,7 @@ def _parse_time_log(log: Path, seconds: float) -> dict:
         seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":"))))
     rc = re.search(r"Exit status: (\d+)", text)
     failed = rc is not None and rc.group(1) != "0"
-    return {"seconds": round(seconds, 1), "peak_rss_mb": int(rss.group(1)) // 1024 if rss else None,
+    return {"seconds": round(seconds, 1), "peak_rss_mib": int(rss.group(1)) // 1024 if rss else None,
             "rc": int(rc.group(1)) if rc else None, "log_tail": text[-400:] if failed else ""}
 
 
@@ -203,18 +206,22 @@ def bench_large(args: argparse.Namespace) -> dict:
         else:
             steps["export"] = _timed([sys.executable, "-c", export], work / "export.log")
         fp32 = work / "fp32"
-        size = sum(f.stat().st_size for f in fp32.glob("model.onnx*")) / 1e6
+        size = sum(f.stat().st_size for f in fp32.glob("model.onnx*")) / 2**20  # MiB, as GNU time's peak RSS
         algo = ["--algorithm", "gptq", "--num-samples", "32"] if args.gptq else ["--algorithm", "rtn"]
         steps["int4"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int4"), "--overwrite",
                                 "--weight-only", "int4", *algo], work / "int4.log")
         steps["int8_weight_only"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int8w"),
                                             "--overwrite", "--weight-only", "int8", "--algorithm", "rtn"],
                                            work / "int8w.log")
+        steps["int8_static"] = _timed([*ortq, "quantize", str(fp32), "--output", str(work / "int8"), "--overwrite",
+                                       "--num-samples", str(args.calib_samples)], work / "int8.log")
         cosines = {}
-        for name, folder in (("int4", "int4"), ("int8_weight_only", "int8w")):
+        extra = ["--no-generative"] if args.no_generative else []
+        extra += ["--latency-runs", str(args.latency_runs)] if args.latency_runs is not None else []
+        for name, folder in (("int4", "int4"), ("int8_weight_only", "int8w"), ("int8_static", "int8")):
             report = work / f"{folder}-report"
             steps[f"validate_{name}"] = _timed([*ortq, "validate", str(work / folder), "--reference", str(fp32),
-                                                "--num-samples", "16", "--report-dir", str(report)],
+                                                "--num-samples", "16", "--report-dir", str(report), *extra],
                                                work / f"validate-{folder}.log")
             try:
                 data = json.loads((report / "report.json").read_text())
@@ -224,9 +231,14 @@ def bench_large(args: argparse.Namespace) -> dict:
                 cosines[name] = f"unavailable ({type(exc).__name__})"
         for name, step in steps.items():
             step["step"] = name
-            step["rss_minus_size_mb"] = (step["peak_rss_mb"] - round(size)) if step["peak_rss_mb"] else None
-        return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mb_on_disk": round(size),
-                "algorithm": "gptq" if args.gptq else "rtn", "steps": list(steps.values()), "logits_cosine": cosines}
+            over = step["peak_rss_mib"] - round(size) if step["peak_rss_mib"] else None
+            step["rss_minus_size_mib"] = over
+            step["s_plus_gib"] = round(over / 1024, 2) if over is not None else None
+        return {"benchmark": "scale_large", **machine(), "params": params, "fp32_mib_on_disk": round(size),
+                "algorithm": "gptq" if args.gptq else "rtn", "calibration_samples_int8": args.calib_samples,
+                "generative_validation": not args.no_generative, "validate_latency_runs": args.latency_runs,
+                "steps": list(steps.values()),
+                "logits_cosine": cosines}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -240,6 +252,9 @@ def main() -> None:
     p = sub.add_parser("large")
     p.add_argument("--params-m", type=int, default=600)
     p.add_argument("--gptq", action="store_true")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sentences of the static int8 step")
+    p.add_argument("--no-generative", action="store_true", help="validate without the perplexity / generation part")
+    p.add_argument("--latency-runs", type=int, help="timed runs per model in validate (default: validate's)")
     p.add_argument("--keep", help="work folder to keep (and reuse the built source model)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -249,8 +264,8 @@ def main() -> None:
         print(f"floor (one fp32 pass, {THREADS} threads): {result['floor_seconds']} s; {result['on_paper']}")
     else:
         result = bench_large(args)
-        print(table(result["steps"], ["step", "seconds", "peak_rss_mb", "rss_minus_size_mb", "rc"]))
-        print(f"fp32 on disk: {result['fp32_mb_on_disk']} MB; logits cosine: {result['logits_cosine']}")
+        print(table(result["steps"], ["step", "seconds", "peak_rss_mib", "rss_minus_size_mib", "s_plus_gib", "rc"]))
+        print(f"fp32 on disk (S): {result['fp32_mib_on_disk']} MiB; logits cosine: {result['logits_cosine']}")
     out = RESULTS / f"scale_{args.what}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,43 @@ def has_external_tensors(model: Any) -> bool:
     import onnx_ir as ir
 
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at ``path`` with its initializers' values left out (names, types, shapes and external-data
+    references stay): for reading the graph while sessions read the file. A model under 2 GB holds its weights
+    inline; not keeping a copy of them spares their size while a session holds its own."""
+    proto = onnx.load(str(path), load_external_data=False)
+    stubs = []
+    for t in proto.graph.initializer:
+        stub = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type, data_location=t.data_location)
+        stub.external_data.extend(t.external_data)
+        stubs.append(stub)
+    del proto.graph.initializer[:]
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)  # the graph without initializers: the message holding the weights is dropped whole
+    light.graph.initializer.extend(stubs)
+    return light
+
+
+def unmap(values: Iterable[Any]) -> None:
+    """Close the file mapping of ``onnx_ir`` initializers read from an external data file: their pages leave
+    the process (read again, they map again). One with a view of it still alive stays mapped."""
+    import onnx_ir as ir
+
+    for v in values:
+        tensor = v.const_value if v is not None else None
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:
+                pass
+
+
+def unmap_all(model: Any) -> None:
+    """:func:`unmap` every initializer of an ``onnx_ir.Model``'s main graph: before a session maps (or copies)
+    the same weights, this process lets go of its own pages of them."""
+    unmap(model.graph.initializers.values())
 
 
 def save_ir_model(model: Any, path: str | os.PathLike) -> None:

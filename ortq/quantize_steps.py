@@ -255,6 +255,8 @@ class QuantizeSteps:
 
         ``kept_float`` maps nodes an accuracy budget keeps in float to the reason recorded in the plan.
         """
+        if self.collector is not None:
+            self.collector.close()  # its session's copy of the weights is not needed to quantize
         model = self.model.clone()
         if kept_float:
             config = dataclasses.replace(config, nodes_to_exclude=tuple(config.nodes_to_exclude) + tuple(kept_float))

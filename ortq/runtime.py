@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from ortq.errors import CalibrationDataError, ConfigError, ModelError, OrtqError, first_line
-from ortq.io import has_external_tensors, needs_external_data
+from ortq.io import has_external_tensors, needs_external_data, unmap_all
 from ortq.progress import progress
 
 EXECUTION_PROVIDERS = {
@@ -113,11 +113,15 @@ class SessionSettings:
             intermediate tensors wants ``basic`` or less: fusions would remove the very tensors observed.
         memory_pattern: cache an allocation plan per input shape. Off for calibration, where batches padded to
             their longest sample come in many shapes and the cache grows with them.
+        arena: ONNX Runtime's CPU memory arena, which keeps what a run allocated for the next one. Off for the
+            sessions that fetch intermediate tensors of a large model: fetched in many shapes, they grow it by
+            GBs beside the weights.
     """
 
     threads: int | None = None
     optimization: str = "all"
     memory_pattern: bool = True
+    arena: bool = True
 
     def __post_init__(self) -> None:
         if self.optimization not in _OPTIMIZATION_LEVELS:
@@ -141,6 +145,7 @@ class SessionSettings:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = levels[self.optimization]
         so.enable_mem_pattern = self.memory_pattern
+        so.enable_cpu_mem_arena = self.arena
         so.log_severity_level = 3
         # Idle worker threads must not spin: two sessions alternate on the same cores, and a spinning pool of
         # one would be timed as the other's latency (and would slow torch or numpy work in between).
@@ -238,6 +243,7 @@ def _session_source(model: Any) -> tuple[str | bytes, tempfile.TemporaryDirector
         tmp = tempfile.TemporaryDirectory(prefix="ortq-session-", ignore_cleanup_errors=True)
         path = Path(tmp.name) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
+        unmap_all(model)  # the session reads the weights from the copy: this process lets go of its pages
         return str(path), tmp
     if not needs_external_data(model):
         return model.SerializeToString(), None

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ortq.config import WeightOnlyConfig
-from ortq.passes import matmul_nbits
+from ortq.passes import weight_sites
 from ortq.passes._int4 import BlockQuantized, on_grid, unpack
 from ortq.passes.matmul_nbits import quantize_weight_only
 
@@ -75,7 +75,7 @@ def _gbq_reference(proto) -> np.ndarray:
 
 @pytest.fixture(autouse=True)
 def _small_tables(monkeypatch):
-    monkeypatch.setattr(matmul_nbits, "MIN_EMBEDDING_ELEMENTS", 1024)
+    monkeypatch.setattr(weight_sites, "MIN_EMBEDDING_ELEMENTS", 1024)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -107,7 +107,7 @@ def test_on_grid_table_roundtrips_exactly(symmetric):
 
 
 def test_small_tables_stay_float(monkeypatch):
-    monkeypatch.setattr(matmul_nbits, "MIN_EMBEDDING_ELEMENTS", V * D + 1)
+    monkeypatch.setattr(weight_sites, "MIN_EMBEDDING_ELEMENTS", V * D + 1)
     table = np.ones((V, D), np.float32)
     qproto, report = _quantize(_model(table, tied=False), WeightOnlyConfig())
     assert [n.op_type for n in qproto.graph.node] == ["Gather"]

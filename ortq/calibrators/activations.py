@@ -82,6 +82,43 @@ def _absmax_additions(model: ir.Model, activations: Sequence[str], sample_rows: 
     return aug, outputs
 
 
+# Bytes of whole activations fetched in one run for SmoothQuant's row sample (estimated from the batch's tokens
+# and the activations' widths); more are fetched over further runs of the same batch.
+ROW_FETCH_BYTES = 256 << 20
+
+
+def _last_dims(model: ir.Model, names: Sequence[str]) -> dict[str, int]:
+    """The last axis of each activation in ``names`` whose shape the graph knows, or that multiplies a constant
+    weight (``MatMul(x, W)``: the rows of ``W``)."""
+    wanted, dims = set(names), {}
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name in wanted and v.shape is not None and len(v.shape) and isinstance(v.shape[-1], int):
+                dims[v.name] = int(v.shape[-1])
+        x, w = (node.inputs + (None, None))[:2]
+        if node.op_type == "MatMul" and x is not None and x.name in wanted and x.name not in dims \
+                and w is not None and w.const_value is not None and len(w.const_value.shape) == 2:
+            dims[x.name] = int(w.const_value.shape[0])
+    return dims
+
+
+def _fetch_groups(names: Sequence[str], widths: Mapping[str, int],
+                  batch: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """``names`` in order, cut into groups whose activations take about :data:`ROW_FETCH_BYTES` at most on
+    ``batch`` (``tokens x width`` float32 values each; an activation of unknown width is a group alone)."""
+    tokens = max((int(np.size(v)) for v in batch.values() if np.ndim(v) >= 2), default=1)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        need = tokens * widths[name] * 4 if name in widths else ROW_FETCH_BYTES + 1
+        if groups[-1] and size + need > ROW_FETCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += need
+    return groups
+
+
 def channel_absmax(
     model: ir.Model,
     activations: Sequence[str],
@@ -93,21 +130,29 @@ def channel_absmax(
     batches, for the alpha search). ``model`` is not changed."""
     activations = list(activations)
     additions, outputs = _absmax_additions(model, activations, sample_rows)
-    session = observed_session(model, additions, settings=SessionSettings(), what="the model for SmoothQuant")
+    widths = _last_dims(model, activations) if sample_rows else {}
+    # No memory pattern nor arena: batches padded to their longest sentence come in many shapes, and what is
+    # kept for them grows the RSS (by GBs on a large model) while the session holds its weights.
+    session = observed_session(model, additions, settings=SessionSettings(memory_pattern=False, arena=False),
+                               what="the model for SmoothQuant")
     stats = ActivationStatistics()
     samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
     taken = 0
     for batch in batches:
         want_rows = bool(sample_rows) and taken < sample_rows
-        fetch = outputs + (activations if want_rows else [])
-        ((_, values),) = run_batches(session, [batch], fetch, what="a calibration batch")
-        for name, out in zip(activations, outputs, strict=True):
-            value = np.nan_to_num(values[out].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            stats.absmax[name] = value if name not in stats.absmax else np.maximum(stats.absmax[name], value)
-        if want_rows:
-            mask = attention_mask_of(batch)
-            n_rows = 0
-            for name in activations:
+        # Whole activations are fetched for the row sample: in groups of at most ROW_FETCH_BYTES per run (the
+        # first with the reductions), so that a large model's outputs do not all sit in memory at once.
+        groups = _fetch_groups(activations, widths, batch) if want_rows else [[]]
+        n_rows = 0
+        for i, group in enumerate(groups):
+            fetch = (outputs if i == 0 else []) + group
+            ((_, values),) = run_batches(session, [batch], fetch, what="a calibration batch")
+            if i == 0:
+                for name, out in zip(activations, outputs, strict=True):
+                    value = np.nan_to_num(values[out].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                    stats.absmax[name] = value if name not in stats.absmax else np.maximum(stats.absmax[name], value)
+            mask = attention_mask_of(batch) if group else None
+            for name in group:
                 x = values[name]
                 if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
                     rows = x[mask.astype(bool)]
@@ -116,7 +161,8 @@ def channel_absmax(
                 rows = rows[np.isfinite(rows).all(axis=1)][: sample_rows - taken]
                 samples[name].append(rows.astype(np.float32))
                 n_rows = len(rows)
-            taken += n_rows
+            del values
+        taken += n_rows
     # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped.
     stats.rows = {k: np.concatenate(v) for k, v in samples.items() if sum(len(a) for a in v)}
     return stats
@@ -139,8 +185,8 @@ class MomentsJob(ShardJob):
         additions.graph.output.extend(
             onnx.helper.make_empty_tensor_value_info(n) for n in self.activations if n not in existing
         )
-        return observed_session(model, additions, settings=SessionSettings(optimization="disable"),
-                                what="the model for weight statistics")
+        settings = SessionSettings(optimization="disable", memory_pattern=False, arena=False)
+        return observed_session(model, additions, settings=settings, what="the model for weight statistics")
 
     def run(self, opened, batches: Sequence[Mapping[str, np.ndarray]]) -> ActivationStatistics:
         stats = ActivationStatistics()

@@ -158,8 +158,8 @@ class RangeCollector:
     """Streams tensor statistics of ``model`` over calibration batches into a :class:`CalibrationState`.
 
     Args:
-        model: the float model (``onnx_ir`` model, proto or path); it is serialized once, for the session,
-            and not referenced after the first :meth:`collect`.
+        model: the float model (``onnx_ir`` model, proto or path); it is serialized for the session, again
+            only when :meth:`close` let the session go and more data comes.
         tensor_names: the activations to observe.
         config: the calibration method and its settings.
         providers: ONNX Runtime providers (default CPU).
@@ -242,13 +242,16 @@ class RangeCollector:
         if self._session is None:
             # Plain execution (fusions could remove the very tensors observed); no memory pattern: batches
             # padded to their longest sentence come in many shapes, and a pattern cached per shape grows the RSS.
-            settings = SessionSettings(threads=self._threads, optimization="basic", memory_pattern=False)
+            settings = SessionSettings(threads=self._threads, optimization="basic", memory_pattern=False, arena=False)
             self._session = observed_session(
                 self._model, self._extra, settings=settings, providers=self._providers,
                 what="the model for calibration",
             )
-            self._model = None  # the session holds the weights now
         return self._session
+
+    def close(self) -> None:
+        """Let the session (and its copy of the weights) go; a later :meth:`collect` opens a new one."""
+        self._session = None
 
     # ---------------------------------------------------------------------------------------- the loop
 

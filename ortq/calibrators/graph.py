@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from ortq.errors import ModelError
+from ortq.io import unmap_all
 from ortq.runtime import SessionSettings, create_session, normalize_provider
 
 _DATA_FILE = "model.onnx.data"
@@ -59,6 +60,7 @@ def observed_session(
         if additions is not None:
             with open(path, "ab") as f:
                 f.write(additions.SerializeToString())
+        unmap_all(model)  # the session reads the weights from the copy: this process lets go of its pages
         provider = normalize_provider(providers[0]) if providers else "cpu"
         session = create_session(str(path), provider=provider, settings=settings, what=what)
     except BaseException:

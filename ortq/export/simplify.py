@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from ortq.io import unmap
 from ortq.passes.initializers import add_initializer
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def pack_qkv(model: ir.Model) -> int:
         node.replace_input_with(1, None)
         node.replace_input_with(2, None)
         del weights
-        _unmap(p[1] for p in parts)
+        unmap(p[1] for p in parts)
         packed += 1
     return packed
 
@@ -253,21 +254,9 @@ def pack_siblings(model: ir.Model) -> int:
             n.outputs[0].name = f"{n.name}_replaced"
             n.outputs[0].replace_all_uses_with(out)
         del weights
-        _unmap(n.inputs[1] for n in nodes)
+        unmap(n.inputs[1] for n in nodes)
         packed += 1
     return packed
-
-
-def _unmap(values) -> None:
-    """Close the file mapping of weights read from an external data file, once packed: their pages leave the
-    process (read again, they map again)."""
-    for v in values:
-        tensor = v.const_value if v is not None else None
-        if isinstance(tensor, ir.ExternalTensor):
-            try:
-                tensor.release()
-            except BufferError:  # a view of it is still alive: it stays mapped
-                pass
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:

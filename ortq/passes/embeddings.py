@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from ortq.io import unmap
 from ortq.passes._int4 import quantize_rtn
 from ortq.passes.base import ReportingPass
 from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather, share_gather
@@ -37,6 +38,7 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
         if table is None or table.size < MIN_TABLE_ELEMENTS or table.shape[1] % block_size:
             continue
         if not np.isfinite(table).all():
+            unmap([node.inputs[0]])
             continue
         name = node.name
         source = node.inputs[0]
@@ -47,11 +49,15 @@ def quantize_embedding_gathers(model: ir.Model, plan: QuantPlan, *, bits: int = 
             bq = quantize_rtn(table, bits=bits, block_size=block_size, symmetric=bits == 8, search=bits == 4)
             tables.append(source)
             made[source] = replace_gather(model.graph, node, bq)
+            del bq
+        shape = table.shape
+        del table
+        unmap([source])
         done += 1
         if name in decisions:
             decisions[name].quantized = True
             decisions[name].reason = (
-                f"embedding table {table.shape[0]}x{table.shape[1]} -> GatherBlockQuantized "
+                f"embedding table {shape[0]}x{shape[1]} -> GatherBlockQuantized "
                 f"({bits}-bit, block {block_size})"
             )
     if done:

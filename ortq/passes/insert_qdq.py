@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from ortq.io import unmap
 from ortq.passes.base import ReportingPass
 from ortq.passes.initializers import (
     add_initializer,
@@ -91,6 +92,8 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
         dq.outputs[0].name = unique_name(names, f"{name}_dequantized")
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(w.shape)
+        del w
+        unmap([value])  # its int8 copy is made: the float weight's pages leave the process
         if anchor is not None:
             graph.insert_after(anchor, [dq])
         else:

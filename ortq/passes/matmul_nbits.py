@@ -27,20 +27,21 @@ base format first, then the most sensitive are upgraded (:mod:`ortq.passes.weigh
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ortq.config import WeightOnlyAlgorithm, WeightOnlyConfig
+from ortq.io import unmap
 from ortq.passes._int4 import BlockQuantized, SourceGrid, exact_source_grid, quantize_gptq, quantize_rtn
 from ortq.passes.base import ReportingPass
-from ortq.passes.gather_quant import MS_DOMAIN, gather_table, replace_gather, share_gather, swap_output
+from ortq.passes.gather_quant import MS_DOMAIN, replace_gather, share_gather, swap_output
 from ortq.passes.initializers import (
     add_initializer,
     block_initializers,
@@ -55,190 +56,47 @@ from ortq.passes.weight_budget import (
     stored_bytes,
     to_float16,
 )
+from ortq.passes.weight_sites import MatMulSite, find_sites, matches, reaches_graph_output, tied_table
 from ortq.progress import progress
 
 logger = logging.getLogger(__name__)
-
-MIN_EMBEDDING_ELEMENTS = 1 << 18  # smaller tables (positions, token types) stay in float
-_PASSTHROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"}
-
-
-@dataclass
-class _MatMulSite:
-    node: ir.Node
-    weight: ir.Value  # [K, N] initializer
-    w: np.ndarray  # [K, N] float32
-    bias_add: ir.Node | None = None
-    bias: np.ndarray | None = None
-    tied_gather: list[ir.Node] = field(default_factory=list)
-    bits: int = 4
-    why_bits: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name or "MatMul"
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _const_initializer(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
-def _reaches_graph_output(value: ir.Value, depth: int = 3) -> bool:
-    if value.is_graph_output():
-        return True
-    if depth == 0:
-        return False
-    for use in value.uses():
-        n = use.node
-        if n.op_type in _PASSTHROUGH or n.op_type == "Add":
-            if _reaches_graph_output(n.outputs[0], depth - 1):
-                return True
-    return False
-
-
-def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, np.ndarray | None]:
-    """The ``Add`` of a constant ``[N]`` bias that alone consumes ``node``'s output, if any."""
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1:
-        return None, None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None, None
-    other = add.inputs[1 - uses[0].idx]
-    b = _const_initializer(other)
-    if b is None or b.dtype != np.float32 or b.shape != (n,):
-        return None, None
-    return add, b
-
-
-def _find_sites(graph: ir.Graph, config: WeightOnlyConfig, skipped: dict[str, str]):
-    sites: list[_MatMulSite] = []
-    gathers: list[tuple[ir.Node, np.ndarray]] = []
-    for node in graph:
-        name = node.name or (node.outputs[0].name if node.outputs else "")
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
-            if _matches(name, config.nodes_to_exclude):
-                skipped[name] = "excluded by nodes_to_exclude"
-                continue
-            w = _const_initializer(node.inputs[1])
-            if w is None:
-                continue  # activation x activation: not a weight
-            if w.dtype != np.float32:
-                skipped[name] = f"weight dtype {w.dtype} is not float32"
-                continue
-            if w.ndim != 2:
-                skipped[name] = f"weight is {w.ndim}-D, not 2-D"
-                continue
-            a = node.inputs[0]
-            if a is not None and a.shape is not None and len(a.shape) < 2:
-                skipped[name] = "input A is 1-D"
-                continue
-            if w.shape[0] < 16:
-                skipped[name] = f"K={w.shape[0]} < 16"
-                continue
-            if not np.isfinite(w).all():
-                skipped[name] = "weight holds NaN or infinite values"
-                continue
-            site = _MatMulSite(node=node, weight=node.inputs[1], w=w)
-            site.bias_add, site.bias = _bias_add(node, w.shape[1])
-            sites.append(site)
-        elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
-            site = _gemm_site(node, name, config, skipped)
-            if site is not None:
-                sites.append(site)
-        elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and config.quantize_embeddings:
-            table, why = gather_table(node)
-            if table is None:
-                if why not in ("data is not a constant initializer",):
-                    skipped[name] = why
-                continue
-            if _matches(name, config.nodes_to_exclude):
-                skipped[name] = "excluded by nodes_to_exclude"
-                continue
-            if not np.isfinite(table).all():
-                skipped[name] = "embedding table holds NaN or infinite values"
-                continue
-            if table.size < MIN_EMBEDDING_ELEMENTS:
-                skipped[name] = (
-                    f"embedding table {list(table.shape)} is small (< {MIN_EMBEDDING_ELEMENTS} values)"
-                )
-                continue
-            gathers.append((node, table))
-    return sites, gathers
-
-
-def _gemm_site(node: ir.Node, name: str, config: WeightOnlyConfig, skipped: dict[str, str]) -> _MatMulSite | None:
-    """A Gemm ``A @ op(B) + C`` with a constant B as a MatMulNBits site (B transposed when ``transB``; the
-    bias C becomes MatMulNBits' bias input), or None with the reason in ``skipped``."""
-
-    def attr(key: str, default: float) -> float:
-        a = node.attributes.get(key)
-        return default if a is None else (a.as_float() if key in ("alpha", "beta") else a.as_int())
-
-    b = _const_initializer(node.inputs[1])
-    if b is None:
-        return None  # activation x activation
-    why = None
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = _const_initializer(c) if c is not None else None
-    if _matches(name, config.nodes_to_exclude):
-        why = "excluded by nodes_to_exclude"
-    elif attr("transA", 0) or attr("alpha", 1.0) != 1.0:
-        why = "Gemm with transA or alpha != 1 has no MatMulNBits form"
-    elif b.dtype != np.float32 or b.ndim != 2:
-        why = f"weight is {b.dtype} {b.ndim}-D, not 2-D float32"
-    elif c is not None and (bias is None or bias.dtype != np.float32 or attr("beta", 1.0) != 1.0):
-        why = "bias is not a constant float32 with beta 1"
-    if why is None:
-        w = np.ascontiguousarray(b.T) if attr("transB", 0) else b
-        if bias is not None and bias.shape != (w.shape[1],):
-            why = f"bias shape {list(bias.shape)} is not [N]"
-        elif w.shape[0] < 16:
-            why = f"K={w.shape[0]} < 16"
-        elif not np.isfinite(w).all():
-            why = "weight holds NaN or infinite values"
-    if why is not None:
-        skipped[name] = why
-        return None
-    return _MatMulSite(node=node, weight=node.inputs[1], w=w, bias=bias)
-
 
 def weight_only_activations(model: ir.Model, config: WeightOnlyConfig) -> list[str]:
     """The activations multiplied by the weights :class:`MatMulNBitsPass` would quantize: those whose
     statistics (mean squares, Hessians) the data-aware algorithms read. A weight that will carry its source
     grid (``keep_source_grid`` without a ``sensitive_budget``) needs none."""
-    sites, _ = _find_sites(model.graph, config, {})
+    sites, _ = find_sites(model.graph, config, {})
     carry = config.keep_source_grid and not config.sensitive_budget
     return sorted({s.node.inputs[0].name for s in sites if s.node.inputs[0] is not None
-                   and not (carry and exact_source_grid(np.ascontiguousarray(s.w.T), 8, config.block_size) is not None)})
+                   and not (carry and _source_grid(s, 8, config.block_size) is not None)})
+
+
+def _source_grid(site: MatMulSite, bits: int, block_size: int) -> SourceGrid | None:
+    """:func:`exact_source_grid` of ``site``'s weight, which is unmapped after."""
+    grid = exact_source_grid(site.w_t(), bits, block_size)
+    site.release()
+    return grid
 
 
 @dataclass
 class _Plan:
     """How one weight is stored: its blocks, the source grid carried (if any) and its report entry."""
 
-    site: _MatMulSite
+    site: MatMulSite
     bq: BlockQuantized
     grid: SourceGrid | None
     entry: dict[str, Any]
     float16: bool = False  # scales (and offsets) stored in float16
 
 
-def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
+def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
           hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool,
           offsets: bool = True) -> _Plan:
     """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``; one
     that needs block offsets only with ``offsets``)."""
-    k, n = site.w.shape
+    k, n = site.shape
     bs, sym = _layer_format(config, bits, k)
-    w_t = np.ascontiguousarray(site.w.T)
+    w_t = site.w_t()
     act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
     xtx = hessians.get(act)
     tied = bool(site.tied_gather)
@@ -274,6 +132,8 @@ def _plan(site: _MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgo
     entry["scales"] = "float16" if half is not None else "float32"
     if site.why_bits:
         entry["bits_reason"] = site.why_bits
+    del w_t
+    site.release()
     return _Plan(site, bq, grid, entry, half is not None)
 
 
@@ -285,10 +145,10 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
     budget = config.sensitive_budget * sum(stored_bytes(p.bq, float16=p.float16) for p in base.values())
     candidates = []
     for key, p in base.items():
-        k, n = p.site.w.shape
+        k, n = p.site.shape
         error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
         now = stored_bytes(p.bq, float16=p.float16)
-        grid = exact_source_grid(np.ascontiguousarray(p.site.w.T), 8, config.block_size)
+        grid = _source_grid(p.site, 8, config.block_size)
         if grid is not None and not (grid.offsets is not None and (p.site.tied_gather or not config.block_offsets)):
             candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
         else:
@@ -356,29 +216,29 @@ def quantize_weight_only(
         algorithm = WeightOnlyAlgorithm.RTN
 
     skipped: dict[str, str] = {}
-    sites, gathers = _find_sites(graph, config, skipped)
+    sites, gathers = find_sites(graph, config, skipped)
 
     # Tied embeddings: a Gather table equal to the transposed lm_head weight is stored once.
     tied_tables: set[int] = set()
     for site in sites:
-        k, n = site.w.shape
-        for gnode, table in gathers:
+        k, n = site.shape
+        for gnode in gathers:
             if id(gnode) in tied_tables:  # a weight shared by several MatMuls ties its table once
                 continue
-            if table.shape == (n, k) and np.array_equal(table, site.w.T):
+            if tuple(gnode.inputs[0].const_value.shape.numpy()) == (n, k) and tied_table(gnode.inputs[0], site):
                 site.tied_gather.append(gnode)
                 tied_tables.add(id(gnode))
-    gathers = [(g, t) for g, t in gathers if id(g) not in tied_tables]
+    gathers = [g for g in gathers if id(g) not in tied_tables]
 
     # Bits per layer.
     for site in sites:
         site.bits = config.bits
-        if _matches(site.name, config.int8_nodes):
+        if matches(site.name, config.int8_nodes):
             site.bits, site.why_bits = 8, "int8_nodes"
         elif config.auto_int8_sensitive and config.bits < 8:
             if site.tied_gather:
                 site.bits, site.why_bits = 8, "auto: lm_head tied to the embedding table"
-            elif _reaches_graph_output(site.node.outputs[0]):
+            elif reaches_graph_output(site.node.outputs[0]):
                 site.bits, site.why_bits = 8, "auto: output projection (lm_head)"
 
     mean_squares = mean_squares or {}
@@ -388,7 +248,7 @@ def quantize_weight_only(
     plans: dict[tuple, _Plan] = {}
     keys: list[tuple] = []
     for site in progress(sites, desc="weight-only", unit="layer"):
-        k, n = site.w.shape
+        k, n = site.shape
         bs, sym = _layer_format(config, site.bits, k)
         key = (id(site.weight), site.bits, bs, sym) + ((id(site),) if site.tied_gather else ())
         keys.append(key)
@@ -399,24 +259,28 @@ def quantize_weight_only(
     if config.sensitive_budget and config.bits < 8:
         _upgrade(plans, config, algorithm, hessians, mean_squares)
 
-    # 3. The graph.
+    # 3. The graph. A plan's codes are dropped once its last site is replaced: they are in the initializers.
     block_sums: dict[tuple[str, int], ir.Value] = {}
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
     made: dict[tuple, tuple] = {}  # plan key -> its initializers
     made_gathers: dict[int, ir.Node] = {}  # table -> its GatherBlockQuantized: a shared table is stored once
+    left = Counter(keys)
     for site, key in zip(sites, keys):
         plan = plans[key]
+        left[key] -= 1
+        if not left[key]:
+            del plans[key]
         bq, grid, entry = plan.bq, plan.grid, plan.entry
-        k, n = site.w.shape
+        k, n = site.shape
         if key in made:
             _replace_matmul(graph, site, bq, config, values=made[key], grid=grid, block_sums=block_sums,
                             float16=plan.float16)
             entry.setdefault("shared_with", []).append(site.name)
             continue
-        before = site.w.nbytes + (site.bias.nbytes if site.bias is not None else 0)
+        before = site.nbytes + (site.bias.nbytes if site.bias is not None else 0)
         for g in site.tied_gather:
-            before += 0 if g.inputs[0] is site.weight else site.w.nbytes
+            before += 0 if g.inputs[0] is site.weight else site.nbytes
         after = stored_bytes(bq, grid, float16=plan.float16) + (site.bias.nbytes if site.bias is not None else 0)
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums,
                                               float16=plan.float16)
@@ -438,22 +302,28 @@ def quantize_weight_only(
         bytes_before += before
         bytes_after += after
         nodes_report.append(entry)
+        del plan, bq, grid
 
-    for gnode, table in gathers:
+    for gnode in gathers:
         if id(gnode.inputs[0]) in made_gathers:
             old_table = gnode.inputs[0]
             share_gather(graph, gnode, made_gathers[id(old_table)])
             drop_unused_initializers(graph, [old_table])
             continue
-        bits = 8 if _matches(gnode.name or "", config.int8_nodes) else config.bits
-        bs, sym = _layer_format(config, bits, table.shape[1])
-        bq = quantize_rtn(table, bits, bs, sym)
-        if bits == 4 and table.shape[1] % 2:
+        bits = 8 if matches(gnode.name or "", config.int8_nodes) else config.bits
+        old_table = gnode.inputs[0]
+        shape = tuple(old_table.const_value.shape.numpy())
+        if bits == 4 and shape[1] % 2:
             skipped[gnode.name] = "odd embedding width"
             continue
-        old_table = gnode.inputs[0]
+        bs, sym = _layer_format(config, bits, shape[1])
+        table = old_table.const_value.numpy()
+        bq = quantize_rtn(table, bits, bs, sym)
+        errors = relative_errors(table, bq, None)
+        del table
+        unmap([old_table])
         name = gnode.name
-        before = table.nbytes
+        before = shape[0] * shape[1] * 4
         made_gathers[id(old_table)] = replace_gather(graph, gnode, bq)
         drop_unused_initializers(graph, [old_table])
         after = bq.k * bq.q.shape[0] * bits // 8 + bq.scales.nbytes
@@ -468,9 +338,9 @@ def quantize_weight_only(
                 "bits": bits,
                 "block_size": bs,
                 "symmetric": sym,
-                "shape": list(table.shape),
+                "shape": list(shape),
                 "algorithm": "rtn",
-                **relative_errors(table, bq, None),
+                **errors,
                 "bytes_before": before,
                 "bytes_after": after,
             }
@@ -500,11 +370,11 @@ def quantize_weight_only(
     return model, report
 
 
-def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: SourceGrid,
+def _add_offsets(graph: ir.Graph, node: ir.Node, site: MatMulSite, grid: SourceGrid,
                  block_sums: dict[tuple[str, int], ir.Value], float16: bool) -> ir.Node:
     """``node``'s output plus ``(A @ E) @ C`` (see the module docstring); returns the final ``Add``."""
     a = site.node.inputs[0]
-    k, n = site.w.shape
+    k, n = site.shape
     bs = grid.blocks.block_size
     key = (a.name, bs)
     nodes = []
@@ -525,13 +395,13 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: _MatMulSite, grid: Source
     return add
 
 
-def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
+def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
                     values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None,
                     float16: bool = False):
     """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
     site replaced before); a carried source grid with offsets adds them after the op."""
     node = site.node
-    k, n = site.w.shape
+    k, n = site.shape
     base = site.weight.name or site.name
     if values is not None:
         b_val, s_val, z_val = values
@@ -564,6 +434,7 @@ def _replace_matmul(graph: ir.Graph, site: _MatMulSite, bq: BlockQuantized, conf
     if site.bias_add is not None:
         graph.remove(node, safe=True)
     drop_unused_initializers(graph, [old_weight])
+    unmap([old_weight])
     return b_val, s_val, z_val
 
 

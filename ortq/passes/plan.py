@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from ortq.calibrators.base import TensorRange
 from ortq.config import PerChannel, QuantizationConfig, QuantType
+from ortq.io import unmap
 from ortq.passes.int8_graph import (
     OUTPUT_QUANTIZED_OPS,
     QLINEAR_OPS,
@@ -499,6 +500,8 @@ def _decide(
             weights[v.name] = weight_qparams(
                 w, axis, config.weights_dtype, config.weights_symmetric, config.reduce_range
             )
+            del w
+            unmap([v])  # read again when quantized: a model over 2 GB is not kept resident meanwhile
     # A weight shared by several nodes keeps one quantization: the first decision wins.
     for name, qp in weights.items():
         plan.weights.setdefault(name, qp)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ortq.io import unmap
 from ortq.passes.base import ReportingPass
 from ortq.passes.initializers import add_initializer
 from ortq.passes.plan import ensure_node_names
@@ -48,7 +49,9 @@ def smooth_groups(model: ir.Model, quantized_nodes: set[str] | None = None) -> l
             continue
         if w.const_value.dtype != ir.DataType.FLOAT or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
             continue  # float32 scales: integer and float16 MatMuls are left alone
-        if not np.isfinite(w.const_value.numpy()).all():
+        finite = bool(np.isfinite(w.const_value.numpy()).all())
+        unmap([w])  # read again when smoothed: a model over 2 GB is not kept resident meanwhile
+        if not finite:
             continue  # a NaN / inf weight would spread through the scales to every output column
         producer = x.producer()
         if producer is None:
@@ -167,13 +170,15 @@ def apply_smoothing(
         if group.activation not in absmax or group_alpha is None:
             continue
         matmuls = [nodes[m] for m in group.matmuls]
-        weights = [m.inputs[1].const_value.numpy() for m in matmuls]
+        sources = [m.inputs[1] for m in matmuls]
+        weights = [v.const_value.numpy() for v in sources]
         if len({w.shape[0] for w in weights}) != 1 or weights[0].shape[0] != absmax[group.activation].shape[0]:
             continue
         s = smoothing_scales(absmax[group.activation], weights, group_alpha)
-        for m, w in zip(matmuls, weights):
-            new_w = (w * s[:, None]).astype(w.dtype)
-            _set_const(model.graph, m, 1, new_w, suffix="smoothed")
+        del weights
+        unmap(sources)
+        for m, source in zip(matmuls, sources):
+            _set_const(model.graph, m, 1, _scaled_rows(source.const_value, s), suffix="smoothed")
         if group.folded_into is not None:
             ln = nodes[group.folded_into]
             for idx in (1, 2):
@@ -201,14 +206,41 @@ def apply_smoothing(
     return summary
 
 
-def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
+def _scaled_rows(weight: ir.TensorProtocol, s: np.ndarray) -> np.ndarray | ir.LazyTensor:
+    """``diag(s) W``. A weight mapped from an external data file gives a tensor computed on each read (from
+    the source, unmapped after): the smoothed model then holds no copy of the weights, whatever their size."""
+    if not isinstance(weight, ir.ExternalTensor):
+        w = weight.numpy()
+        return (w * s[:, None]).astype(w.dtype)
+
+    def scaled() -> ir.Tensor:
+        w = weight.numpy()
+        out = (w * s[:, None]).astype(w.dtype)
+        del w
+        try:
+            weight.release()
+        except BufferError:  # a view of the source is alive elsewhere: it stays mapped
+            pass
+        return ir.tensor(out)
+
+    return ir.LazyTensor(scaled, dtype=weight.dtype, shape=weight.shape)
+
+
+def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | ir.TensorProtocol,
+               suffix: str) -> None:
     old = node.inputs[index]
     name = f"{old.name}_{suffix}"
     i = 1
     while name in graph.initializers:
         name = f"{old.name}_{suffix}_{i}"
         i += 1
-    node.replace_input_with(index, add_initializer(graph, name, array))
+    if isinstance(array, np.ndarray):
+        new = add_initializer(graph, name, array)
+    else:
+        array.name = name
+        new = ir.val(name, array.dtype, array.shape, const_value=array)
+        graph.register_initializer(new)
+    node.replace_input_with(index, new)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         del graph.initializers[old.name]
 
@@ -257,11 +289,12 @@ class SmoothQuantPass(ReportingPass):
             for g in groups:
                 if g.activation not in self.rows:
                     continue
-                weights = [nodes[m].inputs[1].const_value.numpy() for m in g.matmuls]
+                sources = [nodes[m].inputs[1] for m in g.matmuls]
                 best, errs = search_alpha(
-                    self.rows[g.activation], weights, self.absmax[g.activation],
+                    self.rows[g.activation], [v.const_value.numpy() for v in sources], self.absmax[g.activation],
                     weight_block_size=self.weight_block_size,
                 )
+                unmap(sources)
                 errors[g.activation] = errs
                 if best is not None:
                     chosen[g.activation] = best

@@ -91,15 +91,25 @@ def int8_bytes(rows: int, k: int, block_size: int, *, scale_bytes: int = 4) -> i
     return rows * nb * block_size + rows * nb * scale_bytes
 
 
-def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None) -> dict[str, float]:
+def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None,
+                    chunk_values: int = 1 << 22) -> dict[str, float]:
     """Relative RMS error of the dequantized weight, and of the layer's output on the activations whose
-    ``X^T X`` is ``xtx`` (when given)."""
-    deq = bq.dequantize()
-    d = (w_t - deq).astype(np.float64)
-    out = {"weight_rel_rmse": float(np.sqrt((d * d).sum() / max((w_t.astype(np.float64) ** 2).sum(), 1e-30)))}
+    ``X^T X`` is ``xtx`` (when given). Computed by row chunks of about ``chunk_values`` values: float64 copies
+    of a whole embedding table or lm_head would cost several times its float32 size."""
+    num_w = den_w = num_x = den_x = 0.0
+    rows, zp = w_t.shape[0], bq.zero_points
+    step = max(1, chunk_values // max(w_t.shape[1], 1))
+    for r in range(0, rows, step):
+        part = dataclasses.replace(bq, q=bq.q[r:r + step], scales=bq.scales[r:r + step],
+                                   zero_points=None if zp is None else zp[r:r + step])
+        wd = w_t[r:r + step].astype(np.float64)
+        d = (w_t[r:r + step] - part.dequantize()).astype(np.float64)
+        num_w += float((d * d).sum())
+        den_w += float((wd * wd).sum())
+        if isinstance(xtx, np.ndarray):
+            num_x += float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
+            den_x += float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
+    out = {"weight_rel_rmse": float(np.sqrt(num_w / max(den_w, 1e-30)))}
     if isinstance(xtx, np.ndarray):
-        num = float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
-        wd = w_t.astype(np.float64)
-        den = float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
-        out["output_rel_rmse"] = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
+        out["output_rel_rmse"] = float(np.sqrt(max(num_x, 0.0) / max(den_x, 1e-30)))
     return out

@@ -15,7 +15,7 @@ import onnx
 
 from ortq.data import graph_inputs, load_batches, real_text
 from ortq.errors import CalibrationDataError, ModelError
-from ortq.io import has_tokenizer, resolve_model_path
+from ortq.io import has_tokenizer, load_graph, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def load_model_file(model: str | os.PathLike) -> ModelFile:
     p = Path(model)
     path = resolve_model_path(p)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = load_graph(path)
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
     folder = p if p.is_dir() else None

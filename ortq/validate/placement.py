@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ortq.errors import ValidationFailed
-from ortq.io import resolve_model_path
+from ortq.io import load_graph, resolve_model_path
 from ortq.runtime import (
     EXECUTION_PROVIDERS,
     ProviderFailed,
@@ -482,7 +482,7 @@ def inspect_placement(
     if not ok:
         raise ValidationFailed(f"cannot inspect placement on {key}: {reason}")
     path = resolve_model_path(model_path)
-    source = onnx.load(str(path), load_external_data=False)
+    source = load_graph(path)  # names and shapes: the session reads the weights from the file
     placement = Placement(provider=EXECUTION_PROVIDERS[key], source_nodes=len(source.graph.node))
     placement.qdq_groups = _qdq_groups(source)
     placement.source_convs = sum(1 for n in source.graph.node if n.op_type in _CONV_OPS)

@@ -1,0 +1,117 @@
+"""Weights mapped from an external data file are read one at a time and unmapped after: weight-only and static
+int8 (SmoothQuant included) never hold a model's mapped pages all at once, and give the same model, to the
+bit, as from a source with its weights inline."""
+
+import shutil
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from ortq import AutoCalibrationConfig, QuantizationConfig, WeightOnlyConfig
+from ortq.data import real_text
+from ortq.passes._int4 import quantize_rtn
+from ortq.passes.weight_budget import relative_errors
+from ortq.quantizer import ORTQuantizer
+
+
+@pytest.fixture
+def external_llama(tiny_llama_dir, tmp_path):
+    """The tiny Llama with every initializer in ``model.onnx.data`` (as an export over 2 GB writes it)."""
+    out = tmp_path / "external"
+    shutil.copytree(tiny_llama_dir, out)
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.save_model(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    return out
+
+
+@pytest.fixture
+def mapped(monkeypatch):
+    """How many external tensors are mapped at most at the same time (``peak``), and how many are now."""
+    state = {"now": set(), "peak": 0}
+    load, release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def _load(self):
+        load(self)
+        state["now"].add(id(self))
+        state["peak"] = max(state["peak"], len(state["now"]))
+
+    def _release(self):
+        release(self)
+        state["now"].discard(id(self))
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", _load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", _release)
+    return state
+
+
+def _weights(path):
+    proto = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+def _count_initializers(folder) -> int:
+    return len(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer)
+
+
+def test_weight_only_maps_one_weight_at_a_time(tiny_llama_dir, external_llama, tmp_path, mapped):
+    config = WeightOnlyConfig(bits=4, block_size=16, algorithm="rtn")
+    path = ORTQuantizer.from_pretrained(external_llama).quantize(config, tmp_path / "ext")
+    assert 0 < mapped["peak"] <= 3 < _count_initializers(external_llama)
+    inline = ORTQuantizer.from_pretrained(tiny_llama_dir).quantize(config, tmp_path / "inline")
+    _same_weights(path, inline)
+
+
+def test_static_int8_with_smoothquant_maps_one_weight_at_a_time(tiny_llama_dir, external_llama, tmp_path, mapped):
+    text = real_text("calibration", 8)
+    config = QuantizationConfig(smooth_quant_alpha="auto")
+    calib = AutoCalibrationConfig.minmax(batch_size=4)
+    q = ORTQuantizer.from_pretrained(external_llama)
+    path = q.quantize(config, tmp_path / "ext", calibration_data=text, calibration_config=calib)
+    assert q.last_report["smooth_quant"]["activations"]
+    assert 0 < mapped["peak"] <= 3 < _count_initializers(external_llama)
+    inline = ORTQuantizer.from_pretrained(tiny_llama_dir).quantize(config, tmp_path / "inline", calibration_data=text,
+                                                                   calibration_config=calib)
+    _same_weights(path, inline)
+
+
+def test_relative_errors_by_row_chunks_match_one_pass():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(37, 64)).astype(np.float32)
+    bq = quantize_rtn(w, 4, 16, False)
+    x = rng.normal(size=(200, 64))
+    xtx = x.T @ x
+    whole = relative_errors(w, bq, xtx, chunk_values=w.size)
+    chunked = relative_errors(w, bq, xtx, chunk_values=5 * 64)  # 5 rows at a time, the last chunk shorter
+    assert whole.keys() == chunked.keys() == {"weight_rel_rmse", "output_rel_rmse"}
+    for key in whole:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12)
+
+
+def test_smoothquant_rows_fetched_in_groups_are_the_same(tiny_llama_dir, monkeypatch):
+    """Whole activations for SmoothQuant's row sample come a few per run under a byte budget: the same rows and
+    maxima as all in one run."""
+    from ortq.calibrators import activations
+    from ortq.passes.smooth import smooth_groups
+    from ortq.quantize_steps import QuantizeSteps
+
+    steps = QuantizeSteps(tiny_llama_dir / "model.onnx")
+    feeds = list(steps.batches(real_text("calibration", 8), batch_size=4))
+    names = [g.activation for g in smooth_groups(steps.model.clone())]
+    assert len(names) > 2
+    one = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
+    monkeypatch.setattr(activations, "ROW_FETCH_BYTES", 1)  # one activation per run
+    assert len(activations._fetch_groups(names, activations._last_dims(steps.model, names), feeds[0])) == len(names)
+    grouped = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
+    for name in names:
+        np.testing.assert_array_equal(one.absmax[name], grouped.absmax[name])
+        np.testing.assert_array_equal(one.rows[name], grouped.rows[name])
