@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ortq.calibrators.base import TensorRange
+from ortq.passes.int8_graph import clip_bounds
 
 __all__ = ["needed_interval", "narrowed_range"]
 
@@ -50,24 +51,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(a.reshape(()))
 
 
-def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    if node.op_type == "Relu":
-        return 0.0, math.inf
-    bounds = [-math.inf, math.inf]
-    for k, attr in ((0, "min"), (1, "max")):
-        a = node.attributes.get(attr)
-        if a is not None:
-            bounds[k] = float(a.as_float())
-        v = node.inputs[k + 1] if len(node.inputs) > k + 1 else None
-        if v is None:
-            continue
-        c = _scalar(v)
-        if c is None:
-            return None
-        bounds[k] = c
-    return bounds[0], bounds[1]
-
-
 def _step(name: str, ranges: Mapping[str, TensorRange]) -> float:
     """The uint8 step of a calibrated tensor (0 when it has no finite range)."""
     r = ranges.get(name)
@@ -82,7 +65,7 @@ def _unary(node: ir.Node, x_index: int) -> Callable[[np.ndarray], np.ndarray] | 
     if node.domain not in ("", "ai.onnx"):
         return None
     if op in ("Relu", "Clip"):
-        b = _clip_bounds(node)
+        b = clip_bounds(node)
         if b is None or x_index != 0:
             return None
         return lambda t: np.clip(t, b[0], b[1])
@@ -162,7 +145,7 @@ def _consumer_interval(node: ir.Node, index: int, x: ir.Value, ranges: Mapping[s
         return _INF
     out = node.outputs[0]
     if op in ("Relu", "Clip") and index == 0:
-        b = _clip_bounds(node)
+        b = clip_bounds(node)
         if b is None:
             return _INF
         lo, hi = needed_interval(out, ranges, depth + 1)
