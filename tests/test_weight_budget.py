@@ -62,13 +62,19 @@ def test_budget_upgrades_the_layer_fed_by_outlier_activations_to_8_bits():
     assert {e["bits"] for e in report["nodes"]} == {8}
 
 
-def test_budget_carries_a_source_grid_exactly_instead_of_8_bits():
-    rng = np.random.default_rng(1)
+def _mlp_with_q4_1_fc1(rng):
+    """The two-layer MLP with fc1's weight on a GGUF Q4_1 grid (float block minimums)."""
     proto, _ = _mlp_model(rng, k=64, hidden=64, bias=False)
     w1 = q4_1(rng, 64, 64).T.copy()
     for t in proto.graph.initializer:
         if t.name == "W1":
             t.CopyFrom(numpy_helper.from_array(w1, "W1"))
+    return proto
+
+
+def test_budget_carries_a_source_grid_exactly_instead_of_8_bits():
+    rng = np.random.default_rng(1)
+    proto = _mlp_with_q4_1_fc1(rng)
     batches = _outlier_batches(rng)
     config = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, symmetric=True,
                               keep_source_grid=False, sensitive_budget=0.3)
@@ -121,11 +127,7 @@ def test_scales_outside_float16_stay_float32():
 
 def test_carried_q4_1_with_float16_offsets_matches_the_float_model():
     rng = np.random.default_rng(6)
-    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=False)
-    w1 = q4_1(rng, 64, 64).T.copy()
-    for t in proto.graph.initializer:
-        if t.name == "W1":
-            t.CopyFrom(numpy_helper.from_array(w1, "W1"))
+    proto = _mlp_with_q4_1_fc1(rng)
     carry = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, keep_source_grid=True)
     qproto, report = _quantize(proto, carry)
     fc1 = next(e for e in report["nodes"] if e["node"] == "fc1")
