@@ -163,8 +163,14 @@ def channel_absmax(
                 n_rows = len(rows)
             del values
         taken += n_rows
-    # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped.
-    stats.rows = {k: np.concatenate(v) for k, v in samples.items() if sum(len(a) for a in v)}
+    del session  # its copy of the weights goes before the samples are joined
+    # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped. Each one's
+    # pieces are let go as it is joined, so the sample is never held twice.
+    for name in list(samples):
+        pieces = samples.pop(name)
+        if sum(len(a) for a in pieces):
+            stats.rows[name] = np.concatenate(pieces)
+        del pieces
     return stats
 
 
