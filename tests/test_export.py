@@ -308,7 +308,8 @@ def test_minilm_export_parity(minilm_src, minilm_dir):
 def test_smollm2_export_parity(smollm2_gguf, tmp_out):
     result = export(smollm2_gguf, tmp_out)
     assert result.task == "causal-lm"
-    assert result.input_names == ("input_ids", "attention_mask", "position_ids")
+    past = tuple(f"past_key_values.{i}.{kv}" for i in range(30) for kv in ("key", "value"))
+    assert result.input_names == ("input_ids", "attention_mask", "position_ids", *past)
     assert result.max_rel_diff < 1e-4
     assert list(result.tied_weights.values()) == ["model.model.embed_tokens.weight"]
     config = json.loads((tmp_out / "config.json").read_text())
