@@ -258,6 +258,25 @@ def _session_source(model: Any) -> tuple[str | bytes, tempfile.TemporaryDirector
 # ---------------------------------------------------------------------------------------- the batch loop
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Runs that
+    fetch many intermediate tensors of a large model free them in sizes the allocator keeps for reuse, and the
+    process's RSS grows by GBs beside the session's weights."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def float_outputs(session) -> list[str]:
     """Names of the session's float (or double) outputs."""
     return [o.name for o in session.get_outputs() if "float" in (o.type or "") or "double" in (o.type or "")]

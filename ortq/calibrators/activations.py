@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from ortq.calibrators.engine import LocalEngine, ShardJob
 from ortq.calibrators.graph import observed_session
-from ortq.runtime import SessionSettings, attention_mask_of, run_batches
+from ortq.runtime import SessionSettings, attention_mask_of, batch_size_of, release_freed_memory, run_batches
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,21 @@ def _fetch_groups(names: Sequence[str], widths: Mapping[str, int],
     return groups
 
 
+def _parts(batch: Mapping[str, np.ndarray], names: Sequence[str],
+           widths: Mapping[str, int]) -> list[Mapping[str, np.ndarray]]:
+    """``batch`` cut along its samples so that one run's ``names`` (graph outputs: ONNX Runtime holds all of
+    them until the run ends, fetched or not) take about :data:`ROW_FETCH_BYTES` at most; in order."""
+    n = batch_size_of(batch)
+    tokens = max((int(np.size(v)) for v in batch.values() if np.ndim(v) >= 2), default=1)
+    total = tokens * 4 * sum(widths.get(name, 0) for name in names)
+    pieces = min(n, -(-total // ROW_FETCH_BYTES))
+    if pieces <= 1:
+        return [batch]
+    bounds = np.linspace(0, n, pieces + 1).astype(int)
+    return [{k: (v[a:b] if np.ndim(v) >= 1 and np.shape(v)[0] == n else v) for k, v in batch.items()}
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def channel_absmax(
     model: ir.Model,
     activations: Sequence[str],
@@ -138,7 +153,7 @@ def channel_absmax(
     stats = ActivationStatistics()
     samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
     taken = 0
-    for batch in batches:
+    for batch in (part for whole in batches for part in _parts(whole, activations, widths)):
         want_rows = bool(sample_rows) and taken < sample_rows
         # Whole activations are fetched for the row sample: in groups of at most ROW_FETCH_BYTES per run (the
         # first with the reductions), so that a large model's outputs do not all sit in memory at once.
@@ -162,6 +177,7 @@ def channel_absmax(
                 samples[name].append(rows.astype(np.float32))
                 n_rows = len(rows)
             del values
+            release_freed_memory()
         taken += n_rows
     del session  # its copy of the weights goes before the samples are joined
     # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped. Each one's
