@@ -98,8 +98,8 @@ def test_relative_errors_by_row_chunks_match_one_pass():
 
 
 def test_smoothquant_rows_fetched_in_groups_are_the_same(tiny_llama_dir, monkeypatch):
-    """Whole activations for SmoothQuant's row sample come a few per run under a byte budget: the same rows and
-    maxima as all in one run."""
+    """Whole activations for SmoothQuant's row sample come a few per run, and batches a few samples per run,
+    under a byte budget: the same rows and maxima as all in one run."""
     from ortq.calibrators import activations
     from ortq.passes.smooth import smooth_groups
     from ortq.quantize_steps import QuantizeSteps
@@ -110,7 +110,13 @@ def test_smoothquant_rows_fetched_in_groups_are_the_same(tiny_llama_dir, monkeyp
     assert len(names) > 2
     one = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
     monkeypatch.setattr(activations, "ROW_FETCH_BYTES", 1)  # one activation per run
-    assert len(activations._fetch_groups(names, activations._last_dims(steps.model, names), feeds[0])) == len(names)
+    widths = activations._last_dims(steps.model, names)
+    assert len(activations._fetch_groups(names, widths, feeds[0])) == len(names)
+    # ... and each batch runs a sample at a time: ONNX Runtime holds every activation output until a run ends.
+    parts = activations._parts(feeds[0], names, widths)
+    assert len(parts) == len(feeds[0]["input_ids"]) == 4
+    for key, value in feeds[0].items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
     grouped = activations.channel_absmax(steps.model, names, feeds, sample_rows=64)
     for name in names:
         np.testing.assert_array_equal(one.absmax[name], grouped.absmax[name])
