@@ -129,6 +129,27 @@ def _export(src: Path, out: Path, **kwargs) -> Path:
     return out
 
 
+def export_and_int8(net, folder: Path, calib, input_name: str) -> tuple[Path, Path]:
+    """Export the torch module ``net`` to ``folder/fp32`` (one input ``input_name``, output ``logits``) and
+    quantize it to static int8 with ortq's defaults, calibrated on ``calib`` (an array, batches of 8);
+    the fp32 and int8 model paths."""
+    import numpy as np
+    import torch
+
+    from ortq.config import CalibrationConfig, QuantizationConfig
+    from ortq.export import export
+    from ortq.quantizer import ORTQuantizer
+
+    export(net, folder / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=[input_name],
+           output_names=["logits"])
+    np.savez(folder / "calib.npz", **{input_name: calib})
+    q = ORTQuantizer.from_pretrained(folder / "fp32")
+    q.show_progress = False
+    path = q.quantize(QuantizationConfig(), folder / "q", calibration_data=str(folder / "calib.npz"),
+                      calibration_config=CalibrationConfig(batch_size=8))
+    return folder / "fp32" / "model.onnx", path
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_src(tmp_path_factory) -> Path:
     """The transformers folder the ``tiny_bert_dir`` export comes from."""

@@ -11,11 +11,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import export_and_int8
 
 from ortq.calibrators.base import TensorRange
-from ortq.config import CalibrationConfig, QuantizationConfig, QuantType
+from ortq.config import QuantizationConfig, QuantType
 from ortq.passes.plan import QParams, _fold_qparams, make_plan
-from ortq.quantizer import ORTQuantizer
 from ortq.runtime import create_session
 from ortq.validate.placement import inspect_placement
 
@@ -57,20 +57,10 @@ def _convnet():
 
 @pytest.fixture(scope="module")
 def convnet_int8(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from ortq.export import export
-
-    d = tmp_path_factory.mktemp("convnet")
+    pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(16, 3, 32, 32)).astype(np.float32)
-    export(_convnet(), d / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["pixel_values"],
-           output_names=["logits"])
-    np.savez(d / "calib.npz", pixel_values=calib)
-    q = ORTQuantizer.from_pretrained(d / "fp32")
-    q.show_progress = False
-    path = q.quantize(QuantizationConfig(), d / "q", calibration_data=str(d / "calib.npz"),
-                      calibration_config=CalibrationConfig(batch_size=8))
-    return d / "fp32" / "model.onnx", path
+    return export_and_int8(_convnet(), tmp_path_factory.mktemp("convnet"), calib, "pixel_values")
 
 
 def test_every_convolution_runs_as_an_integer_kernel(convnet_int8):

@@ -10,16 +10,16 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import export_and_int8
 from onnx import TensorProto, helper, numpy_helper
 
-from ortq.config import CalibrationConfig, QuantizationConfig
+from ortq.config import QuantizationConfig
 from ortq.passes.convnet_rewrites import (
     decompose_hard_activations,
     fold_pads_into_convs,
     global_average_pools,
     rewrite_convnet,
 )
-from ortq.quantizer import ORTQuantizer
 from ortq.runtime import create_session
 from ortq.validate.placement import inspect_placement
 
@@ -90,7 +90,6 @@ def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
     """Regression: ``AvgPool2d(1280, ceil_mode=True)`` on a 7x7 map (Hugging Face's EfficientNet pooler) gave
     all-zero int8 logits, a NaN cosine to fp32."""
     torch = pytest.importorskip("torch")
-    from ortq.export import export
 
     nn = torch.nn
     torch.manual_seed(0)
@@ -98,19 +97,12 @@ def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
                         nn.AvgPool2d(1280, ceil_mode=True), nn.Flatten(), nn.Linear(8, 10)).eval()
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(16, 3, 14, 14)).astype(np.float32)
-    export(net, tmp_path / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["x"],
-           output_names=["logits"])
-    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
-    _, done = rewrite_convnet(fp32)
+    fp32_path, path = export_and_int8(net, tmp_path, calib, "x")
+    _, done = rewrite_convnet(onnx.load(str(fp32_path)))
     assert done == {"folded_pads": 1, "global_pools": 1, "hard_activations": 0}
-    np.savez(tmp_path / "calib.npz", x=calib)
-    q = ORTQuantizer.from_pretrained(tmp_path / "fp32")
-    q.show_progress = False
-    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"),
-                      calibration_config=CalibrationConfig(batch_size=8))
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     x = rng.normal(size=(8, 3, 14, 14)).astype(np.float32)
-    ref = create_session(tmp_path / "fp32" / "model.onnx").run(None, {"x": x})[0]
+    ref = create_session(fp32_path).run(None, {"x": x})[0]
     out = create_session(path).run(None, {"x": x})[0]
     assert np.isfinite(out).all() and (np.linalg.norm(out, axis=1) > 0).all()
     cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
@@ -181,18 +173,11 @@ def _hard_net():
 def test_hardswish_and_squeeze_excitation_run_in_int8_kernels(tmp_path):
     """MobileNetV3's activations: Hardswish and the Hardsigmoid gate run as QLinearAdd / QLinearMul (the
     division by 6 is a scale, no kernel), with no float op or Q/DQ pair left between the convolutions."""
-    torch = pytest.importorskip("torch")
-    from ortq.export import export
+    pytest.importorskip("torch")
 
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(16, 3, 16, 16)).astype(np.float32)
-    export(_hard_net(), tmp_path / "fp32", example_inputs=(torch.from_numpy(calib[:1]),), input_names=["x"],
-           output_names=["logits"])
-    np.savez(tmp_path / "calib.npz", x=calib)
-    q = ORTQuantizer.from_pretrained(tmp_path / "fp32")
-    q.show_progress = False
-    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"),
-                      calibration_config=CalibrationConfig(batch_size=8))
+    _, path = export_and_int8(_hard_net(), tmp_path, calib, "x")
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     x = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
     placement = inspect_placement(path, "cpu", {"x": x[:2]}, runs=1)
