@@ -102,11 +102,16 @@ def _last_dims(model: ir.Model, names: Sequence[str]) -> dict[str, int]:
     return dims
 
 
+def _tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Rows an activation of ``batch`` has: the largest ``batch x sequence`` input (1 for none)."""
+    return max((int(np.size(v)) for v in batch.values() if np.ndim(v) >= 2), default=1)
+
+
 def _fetch_groups(names: Sequence[str], widths: Mapping[str, int],
                   batch: Mapping[str, np.ndarray]) -> list[list[str]]:
     """``names`` in order, cut into groups whose activations take about :data:`ROW_FETCH_BYTES` at most on
     ``batch`` (``tokens x width`` float32 values each; an activation of unknown width is a group alone)."""
-    tokens = max((int(np.size(v)) for v in batch.values() if np.ndim(v) >= 2), default=1)
+    tokens = _tokens(batch)
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:
@@ -124,7 +129,7 @@ def _parts(batch: Mapping[str, np.ndarray], names: Sequence[str],
     """``batch`` cut along its samples so that one run's ``names`` (graph outputs: ONNX Runtime holds all of
     them until the run ends, fetched or not) take about :data:`ROW_FETCH_BYTES` at most; in order."""
     n = batch_size_of(batch)
-    tokens = max((int(np.size(v)) for v in batch.values() if np.ndim(v) >= 2), default=1)
+    tokens = _tokens(batch)
     total = tokens * 4 * sum(widths.get(name, 0) for name in names)
     pieces = min(n, -(-total // ROW_FETCH_BYTES))
     if pieces <= 1:
