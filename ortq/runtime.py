@@ -17,6 +17,7 @@ Every part of ortq that runs a model goes through here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -262,19 +263,19 @@ def release_freed_memory() -> None:
     """Hand the C heap's freed pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Runs that
     fetch many intermediate tensors of a large model free them in sizes the allocator keeps for reuse, and the
     process's RSS grows by GBs beside the session's weights."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_MALLOC_TRIM: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def float_outputs(session) -> list[str]:
