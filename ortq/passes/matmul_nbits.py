@@ -78,6 +78,14 @@ def _source_grid(site: MatMulSite, bits: int, block_size: int) -> SourceGrid | N
     return grid
 
 
+def _carried(grid: SourceGrid | None, site: MatMulSite, offsets: bool) -> SourceGrid | None:
+    """``grid`` if ``site`` may carry it: one that needs block offsets only with ``offsets``, and never for a
+    table a Gather shares (``GatherBlockQuantized`` has no offsets: the shared table is quantized again)."""
+    if grid is not None and grid.offsets is not None and (site.tied_gather or not offsets):
+        return None
+    return grid
+
+
 @dataclass
 class _Plan:
     """How one weight is stored: its blocks, the source grid carried (if any) and its report entry."""
@@ -101,9 +109,7 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
     xtx = hessians.get(act)
     tied = bool(site.tied_gather)
     importance = mean_squares.get(act) if not tied else None
-    grid = exact_source_grid(w_t, bits, config.block_size) if keep_grid else None
-    if grid is not None and grid.offsets is not None and (tied or not offsets):
-        grid = None  # GatherBlockQuantized has no offsets: the shared table is quantized again
+    grid = _carried(exact_source_grid(w_t, bits, config.block_size), site, offsets) if keep_grid else None
     if grid is not None:
         bq = grid.blocks
         bs, sym, algo = bq.block_size, bq.zero_points is None, "source-grid"
@@ -148,8 +154,8 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
         k, n = p.site.shape
         error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
         now = stored_bytes(p.bq, float16=p.float16)
-        grid = _source_grid(p.site, 8, config.block_size)
-        if grid is not None and not (grid.offsets is not None and (p.site.tied_gather or not config.block_offsets)):
+        grid = _carried(_source_grid(p.site, 8, config.block_size), p.site, config.block_offsets)
+        if grid is not None:
             candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
         else:
             extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
