@@ -58,6 +58,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                    {"block_offsets": False}),
     "all-4bit": ("gptq symmetric everywhere, lm_head too (`--sensitive-budget 0 --no-auto-int8`)",
                  {"sensitive_budget": 0.0, "auto_int8_sensitive": False}),
+    "all-4bit-asym": ("gptq asymmetric (integer zero points) everywhere, lm_head too",
+                      {"sensitive_budget": 0.0, "auto_int8_sensitive": False, "symmetric": False}),
+    "asym-lm8": ("gptq asymmetric (integer zero points), 8-bit tied lm_head, no budget",
+                 {"sensitive_budget": 0.0, "symmetric": False}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

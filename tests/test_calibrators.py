@@ -324,3 +324,32 @@ def test_collect_in_parts_equals_collect_at_once(method, tmp_path):
     assert parts.state.num_samples == once.num_samples
     summary = parts.state.summary()
     assert summary["num_tensors"] == 2 and summary["num_excluded_values"] == 0
+
+
+def test_observation_nodes_run_right_after_their_producers():
+    """Added nodes are placed after the producers of their inputs, not at the end of the graph (where they
+    would keep every observed activation alive until the whole model has run)."""
+    from onnx import TensorProto, helper
+
+    from ortq.calibrators.graph import merge_additions
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    additions = onnx.GraphProto()
+    additions.node.extend([helper.make_node("Abs", ["a"], ["a_abs"]), helper.make_node("Neg", ["a_abs"], ["o_a"]),
+                           helper.make_node("Abs", ["x"], ["o_x"])])
+    additions.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("o_a", "o_x"))
+    merge_additions(graph, additions)
+    assert [n.output[0] for n in graph.node] == ["o_x", "a", "a_abs", "o_a", "b", "y"]
+    assert [o.name for o in graph.output] == ["y", "o_a", "o_x"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([-1.0, 2.0], np.float32)
+    y, o_a, o_x = sess.run(None, {"x": x})
+    np.testing.assert_array_equal(o_a, -np.abs(np.maximum(x, 0)))
+    np.testing.assert_array_equal(o_x, np.abs(x))

@@ -1,9 +1,9 @@
 """Sessions on a model with observation outputs added, for the calibration step.
 
 The model (an ``onnx_ir.Model``) is serialized once, for ONNX Runtime only: written to a temporary folder
-with its weights as external data (tensor by tensor, never a second in-memory copy of all of them), the
-additions (extra nodes and outputs, a ``ModelProto`` holding only them) appended to the protobuf file, which
-protobuf merges on parsing. The folder is removed once the session is created (on POSIX a data file ONNX
+with its weights as external data (tensor by tensor, never a second in-memory copy of all of them); the
+additions (extra nodes and outputs, a ``ModelProto`` holding only them) are then merged into the small graph
+file, each added node placed right after the producers of its inputs. The folder is removed once the session is created (on POSIX a data file ONNX
 Runtime mapped stays valid once unlinked; elsewhere the folder lives as long as the session).
 """
 
@@ -58,8 +58,9 @@ def observed_session(
         path = Path(tmp.name) / "model.onnx"
         ir.save(model, path, external_data=_DATA_FILE)
         if additions is not None:
-            with open(path, "ab") as f:
-                f.write(additions.SerializeToString())
+            merged = onnx.load(str(path), load_external_data=False)  # the graph; the weights stay in the file
+            merge_additions(merged.graph, additions.graph)
+            path.write_bytes(merged.SerializeToString())
         unmap_all(model)  # the session reads the weights from the copy: this process lets go of its pages
         provider = normalize_provider(providers[0]) if providers else "cpu"
         session = create_session(str(path), provider=provider, settings=settings, what=what)
@@ -71,6 +72,30 @@ def observed_session(
     else:
         session._ortq_tmp = tmp  # a mapped file cannot be removed here: the folder lives with the session
     return session
+
+
+def merge_additions(graph: onnx.GraphProto, additions: onnx.GraphProto) -> None:
+    """Append ``additions``' outputs and initializers to ``graph`` and insert its nodes (in topological order
+    among themselves) each right after the last node producing one of its inputs.
+
+    ONNX Runtime runs nodes in an order that follows the node list where the graph allows it: observation
+    nodes appended at the end would run after the whole model, keeping every observed activation alive until
+    then (GBs on a large model); placed after their producers, each activation is freed as usual.
+    """
+    position = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    slots: dict[int, list[onnx.NodeProto]] = {}
+    for node in additions.node:
+        at = max((position.get(name, -1) for name in node.input if name), default=-1)
+        slots.setdefault(at, []).append(node)
+        position.update((name, at) for name in node.output)
+    nodes = list(slots.pop(-1, []))
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(slots.pop(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend(additions.output)
+    graph.initializer.extend(additions.initializer)
 
 
 def light_proto(model: ir.Model, max_init_bytes: int = 4096) -> onnx.ModelProto:
