@@ -117,12 +117,16 @@ class SessionSettings:
         arena: ONNX Runtime's CPU memory arena, which keeps what a run allocated for the next one. Off for the
             sessions that fetch intermediate tensors of a large model: fetched in many shapes, they grow it by
             GBs beside the weights.
+        node_order: run nodes in node-list order where the graph allows (ONNX Runtime's priority-based order)
+            instead of its default order, which can run nodes appended to observe activations only after the
+            whole model and so keeps every observed activation alive until then.
     """
 
     threads: int | None = None
     optimization: str = "all"
     memory_pattern: bool = True
     arena: bool = True
+    node_order: bool = False
 
     def __post_init__(self) -> None:
         if self.optimization not in _OPTIMIZATION_LEVELS:
@@ -147,6 +151,8 @@ class SessionSettings:
         so.graph_optimization_level = levels[self.optimization]
         so.enable_mem_pattern = self.memory_pattern
         so.enable_cpu_mem_arena = self.arena
+        if self.node_order:
+            so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.log_severity_level = 3
         # Idle worker threads must not spin: two sessions alternate on the same cores, and a spinning pool of
         # one would be timed as the other's latency (and would slow torch or numpy work in between).

@@ -9,6 +9,7 @@ Runtime mapped stays valid once unlinked; elsewhere the folder lives as long as 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ def observed_session(
             path.write_bytes(merged.SerializeToString())
         unmap_all(model)  # the session reads the weights from the copy: this process lets go of its pages
         provider = normalize_provider(providers[0]) if providers else "cpu"
+        # The added nodes run where merge_additions put them: each observed activation is freed as usual.
+        settings = dataclasses.replace(settings or SessionSettings(), node_order=True)
         session = create_session(str(path), provider=provider, settings=settings, what=what)
     except BaseException:
         tmp.cleanup()
@@ -78,9 +81,9 @@ def merge_additions(graph: onnx.GraphProto, additions: onnx.GraphProto) -> None:
     """Append ``additions``' outputs and initializers to ``graph`` and insert its nodes (in topological order
     among themselves) each right after the last node producing one of its inputs.
 
-    ONNX Runtime runs nodes in an order that follows the node list where the graph allows it: observation
-    nodes appended at the end would run after the whole model, keeping every observed activation alive until
-    then (GBs on a large model); placed after their producers, each activation is freed as usual.
+    Run in node-list order (``SessionSettings.node_order``), observation nodes appended at the end would run
+    after the whole model, keeping every observed activation alive until then (GBs on a large model); placed
+    after their producers, each activation is freed as usual.
     """
     position = {name: i for i, node in enumerate(graph.node) for name in node.output}
     slots: dict[int, list[onnx.NodeProto]] = {}
