@@ -121,3 +121,27 @@ def test_smoothquant_rows_fetched_in_groups_are_the_same(tiny_llama_dir, monkeyp
     for name in names:
         np.testing.assert_array_equal(one.absmax[name], grouped.absmax[name])
         np.testing.assert_array_equal(one.rows[name], grouped.rows[name])
+
+
+def test_second_moments_over_batches_cut_along_samples_are_the_same(tiny_llama_dir, monkeypatch):
+    """Weight statistics fetch whole activations: under a byte budget each batch runs a sample at a time, and
+    the row counts, sums of squares and Hessians are those of whole batches (to float64 rounding)."""
+    from ortq.calibrators import activations
+    from ortq.passes.matmul_nbits import weight_only_activations
+    from ortq.quantize_steps import QuantizeSteps
+
+    steps = QuantizeSteps(tiny_llama_dir / "model.onnx")
+    feeds = list(steps.batches(real_text("calibration", 8), batch_size=4))
+    names = weight_only_activations(steps.model, WeightOnlyConfig())
+    whole = activations.second_moments(steps.model, names, feeds, hessians=True)
+    runs = []
+    real_run = activations.run_batches
+    monkeypatch.setattr(activations, "run_batches", lambda s, b, *a, **k: real_run(s, (runs.append(x) or x for x in b),
+                                                                                  *a, **k))
+    monkeypatch.setattr(activations, "ROW_FETCH_BYTES", 1)
+    cut = activations.second_moments(steps.model, names, feeds, hessians=True)
+    assert len(runs) == sum(len(f["input_ids"]) for f in feeds) == 8  # one sample per run
+    assert cut.count == whole.count and whole.tokens > 0
+    for name in names:
+        np.testing.assert_allclose(cut.sum_squares[name], whole.sum_squares[name], rtol=1e-12)
+        np.testing.assert_allclose(cut.hessians[name], whole.hessians[name], rtol=1e-9, atol=1e-9)

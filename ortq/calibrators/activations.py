@@ -213,22 +213,34 @@ class MomentsJob(ShardJob):
             onnx.helper.make_empty_tensor_value_info(n) for n in self.activations if n not in existing
         )
         settings = SessionSettings(optimization="disable", memory_pattern=False, arena=False)
-        return observed_session(model, additions, settings=settings, what="the model for weight statistics")
+        widths = _last_dims(model, self.activations)
+        return observed_session(model, additions, settings=settings, what="the model for weight statistics"), widths
 
     def run(self, opened, batches: Sequence[Mapping[str, np.ndarray]]) -> ActivationStatistics:
+        session, widths = opened
         stats = ActivationStatistics()
-        for batch, outs in run_batches(opened, batches, self.activations, what="a calibration batch"):
-            mask = attention_mask_of(batch)
-            for name in self.activations:
-                x = np.asarray(outs[name], np.float32)
-                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                    x = x[mask.astype(bool)]
-                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                stats.count[name] = stats.count.get(name, 0) + x.shape[0]
-                stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
-                if self.hessians:
-                    stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
+        # Whole activations are fetched, and ONNX Runtime holds every output of a run until it ends: each batch
+        # is cut along its samples so that one run's take about ROW_FETCH_BYTES at most, not GBs beside a large
+        # model's weights.
+        parts = (part for whole in batches for part in _parts(whole, self.activations, widths))
+        for batch, outs in run_batches(session, parts, self.activations, what="a calibration batch"):
+            self._fold(stats, batch, outs)
+            del outs
+            release_freed_memory()
         return stats
+
+    def _fold(self, stats: ActivationStatistics, batch: Mapping[str, np.ndarray],
+              outs: Mapping[str, np.ndarray]) -> None:
+        mask = attention_mask_of(batch)
+        for name in self.activations:
+            x = np.asarray(outs[name], np.float32)
+            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.astype(bool)]
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            stats.count[name] = stats.count.get(name, 0) + x.shape[0]
+            stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
+            if self.hessians:
+                stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
 
     def merge(self, partials: Sequence[ActivationStatistics]) -> ActivationStatistics:
         total = ActivationStatistics()
