@@ -185,6 +185,7 @@ def channel_absmax(
             release_freed_memory()
         taken += n_rows
     del session  # its copy of the weights goes before the samples are joined
+    release_freed_memory()
     # An activation with no finite row (NaN upstream) gets no samples: its alpha search is skipped. Each one's
     # pieces are let go as it is joined, so the sample is never held twice.
     for name in list(samples):
@@ -267,7 +268,9 @@ def second_moments(
     (:class:`~ortq.calibrators.engine.LocalEngine` by default, or a
     :class:`~ortq.calibrators.engine.RayEngine`): the result is the same bits either way."""
     engine = engine if engine is not None else LocalEngine()
-    return engine.run(MomentsJob(activations, hessians=hessians), model, batches)
+    stats = engine.run(MomentsJob(activations, hessians=hessians), model, batches)
+    release_freed_memory()  # the session's weights: GPTQ's next steps (or the next group's pass) need the room
+    return stats
 
 
 def hessian_groups(widths: Mapping[str, int], budget_bytes: int) -> list[list[str]]:

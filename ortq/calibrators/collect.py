@@ -28,7 +28,7 @@ from ortq.calibrators.engine import ShardJob
 from ortq.calibrators.graph import as_ir_model, light_proto, observed_session
 from ortq.config import CalibrationConfig, CalibrationMethod
 from ortq.errors import CalibrationDataError, ModelError
-from ortq.runtime import SessionSettings, batch_size_of, feed_for, run_batches
+from ortq.runtime import SessionSettings, batch_size_of, feed_for, release_freed_memory, run_batches
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +252,7 @@ class RangeCollector:
     def close(self) -> None:
         """Let the session (and its copy of the weights) go; a later :meth:`collect` opens a new one."""
         self._session = None
+        release_freed_memory()
 
     # ---------------------------------------------------------------------------------------- the loop
 

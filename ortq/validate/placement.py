@@ -31,6 +31,7 @@ from ortq.runtime import (
     create_session,
     normalize_provider,
     provider_availability,
+    release_freed_memory,
     run_batches,
 )
 
@@ -514,6 +515,7 @@ def inspect_placement(
         else:
             placement.notes.append("no sample feeds: providers and FLOPs unknown (nothing ran)")
         del sess
+        release_freed_memory()
         if os.path.isfile(opt_path):
             placement.optimized_model_saved = True
             graph_model = onnx.load(opt_path, load_external_data=False)

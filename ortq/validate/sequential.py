@@ -25,6 +25,7 @@ from ortq.runtime import (
     batch_size_of,
     create_session,
     describe_session,
+    release_freed_memory,
     run_batches,
 )
 from ortq.tasks import task_from_outputs
@@ -108,6 +109,7 @@ def compare_one_at_a_time(
                             block = {n: v for n, v in row["session"].items() if n != "providers"}
                 finally:
                     del sess
+                    release_freed_memory()  # the session's weights, before the next one loads
         except ProviderFailed as exc:
             if k in required:
                 raise ValidationFailed(f"required provider {k} cannot run: {exc}") from exc
