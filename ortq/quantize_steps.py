@@ -60,8 +60,11 @@ class Quantized:
 
 
 # GPTQ's Hessians (float64 K x K per activation) of all quantized MatMuls at once may not exceed this; above
-# it they are gathered group by group (see :class:`~ortq.calibrators.activations.GroupedHessians`).
+# it they are gathered group by group (see :class:`~ortq.calibrators.activations.GroupedHessians`), in groups
+# of at most HESSIAN_GROUP_BYTES: a group's sums are held beside the session's weights while they are gathered
+# (at 1.1 B parameters, groups of 1 GiB peaked at S + 1.9 GiB).
 HESSIAN_BUDGET_BYTES = 1 << 30
+HESSIAN_GROUP_BYTES = 512 << 20
 
 
 def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *, engine: Any = None,
@@ -71,8 +74,8 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
     (shards run by ``engine``, see :mod:`ortq.calibrators.engine`).
 
     When the Hessians would take more than ``hessian_budget_bytes`` (default :data:`HESSIAN_BUDGET_BYTES`),
-    they come group by group as the pass reads them, one calibration pass per group: the same values, in
-    bounded memory."""
+    they come group by group (of at most :data:`HESSIAN_GROUP_BYTES` too) as the pass reads them, one
+    calibration pass per group: the same values, in bounded memory."""
     names = weight_only_activations(model, config)
     gptq = WeightOnlyAlgorithm(config.algorithm) == WeightOnlyAlgorithm.GPTQ
     if not names:  # every weight carries its source grid: nothing to measure
@@ -89,7 +92,7 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
     hessians: Mapping[str, np.ndarray] | None = stats.hessians if gptq else None
     calibration: dict[str, Any] = {"tokens": stats.tokens, "activations": len(stats.count)}
     if grouped:
-        groups = hessian_groups(widths, budget)
+        groups = hessian_groups(widths, min(budget, HESSIAN_GROUP_BYTES))
         # A clone sharing the weights: the pass that reads the groups rewrites ``model`` as it goes.
         hessians = GroupedHessians(model.clone(), groups, batches, engine=engine)
         calibration["hessian_groups"] = len(groups)
