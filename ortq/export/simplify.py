@@ -184,6 +184,29 @@ def _projection(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value | 
     return x, w, bias
 
 
+def _side_by_side(graph: ir.Graph, name: str, weights: list[ir.TensorProtocol]) -> ir.Value:
+    """An initializer ``name`` holding ``weights`` (2-D) concatenated along axis 1. Weights mapped from an
+    external data file give a tensor computed when read (from the sources, unmapped after): a large model's
+    packed weights are never all held in memory, only written one at a time."""
+    if not all(isinstance(w, ir.ExternalTensor) for w in weights):
+        return add_initializer(graph, name, np.concatenate([w.numpy() for w in weights], axis=1))
+
+    def packed() -> ir.Tensor:
+        out = np.concatenate([w.numpy() for w in weights], axis=1)
+        for w in weights:
+            try:
+                w.release()
+            except BufferError:  # a view of the source is alive elsewhere: it stays mapped
+                pass
+        return ir.tensor(out)
+
+    shape = ir.Shape([int(weights[0].shape[0]), sum(int(w.shape[1]) for w in weights)])
+    value = ir.val(name, dtype=weights[0].dtype, shape=shape,
+                   const_value=ir.LazyTensor(packed, dtype=weights[0].dtype, shape=shape, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def pack_qkv(model: ir.Model) -> int:
     """Feed each eligible ``GroupQueryAttention`` one MatMul of the concatenated q/k/v weights."""
     graph, packed = model.graph, 0
@@ -194,17 +217,17 @@ def pack_qkv(model: ir.Model) -> int:
         if any(p is None for p in parts) or len({id(p[0]) for p in parts}) != 1:
             continue
         x = parts[0][0]
-        weights = [p[1].const_value.numpy() for p in parts]
+        weights = [p[1].const_value for p in parts]
         if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
             continue
         base = f"{node.name.rsplit('/', 1)[0]}/qkv_proj"
-        w_val = add_initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
+        w_val = _side_by_side(graph, f"{base}.weight", weights)
         matmul = ir.node("MatMul", [x, w_val], name=f"{base}/MatMul")
         matmul.outputs[0].name = f"{base}/MatMul_output_0"
         new = [matmul]
         qkv = matmul.outputs[0]
         if any(p[2] is not None for p in parts):
-            biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(w.shape[1], w.dtype)
+            biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(w.shape[1], w.dtype.numpy())
                       for p, w in zip(parts, weights, strict=True)]
             b_val = add_initializer(graph, f"{base}.bias", np.concatenate(biases))
             add = ir.node("Add", [qkv, b_val], name=f"{base}/Add")
@@ -237,11 +260,11 @@ def pack_siblings(model: ir.Model) -> int:
     for nodes in groups.values():
         if len(nodes) < 2:
             continue
-        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        weights = [n.inputs[1].const_value for n in nodes]
         if len({(w.shape[0], w.dtype) for w in weights}) != 1:
             continue
         base = f"{nodes[0].name.rsplit('/', 2)[0]}/packed"
-        w_val = add_initializer(graph, f"{base}.weight", np.concatenate(weights, axis=1))
+        w_val = _side_by_side(graph, f"{base}.weight", weights)
         sizes = add_initializer(graph, f"{base}.split", np.array([w.shape[1] for w in weights], np.int64))
         matmul = ir.node("MatMul", [nodes[0].inputs[0], w_val], name=f"{base}/MatMul")
         matmul.outputs[0].name = f"{base}/MatMul_output_0"
