@@ -342,28 +342,3 @@ def test_a_task_whose_head_would_be_random_is_refused(tiny_bert_src, tmp_out):
         export(tiny_bert_src, tmp_out, task="causal-lm")
     assert not tmp_out.exists()
 
-
-def test_linear_weights_are_traced_transposed_and_given_back(tmp_path):
-    """Each unshared nn.Linear is traced as MatMul(x, W^T) with its own transposed parameter (no folded copy
-    beside the model), and the module has its weights back after the export, to the bit."""
-    torch = pytest.importorskip("torch")
-    from ortq.export import export
-
-    class Net(torch.nn.Sequential):
-        def forward(self, x):
-            return super().forward(x)
-
-    torch.manual_seed(0)
-    module = Net(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False))
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    export(module, tmp_path / "out", example_inputs={"x": torch.randn(2, 3, 8)})  # 3-D: MatMul (2-D: Gemm)
-    after = module.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(type(m.weight) is torch.nn.Parameter and "forward" not in vars(m) for m in module if hasattr(m, "weight"))
-    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    matmul_weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    assert sorted(w.shape for w in matmul_weights) == [(8, 16), (16, 4)]
-    np.testing.assert_array_equal(matmul_weights[0] if matmul_weights[0].shape == (8, 16) else matmul_weights[1],
-                                  before["0.weight"].numpy().T)

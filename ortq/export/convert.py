@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import types
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ def convert(spec: ExportSpec, path: Path, opset: int, exporter: str) -> str:
     errors = []
     for name in order:
         try:
-            with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(), _transposed_linears(spec.module):
+            with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers():
                 warnings.simplefilter("ignore")
                 if name == "torchscript":
                     # One self-contained file, stable node names; the tracer constant-folds weight transposes
@@ -75,46 +73,6 @@ def convert(spec: ExportSpec, path: Path, opset: int, exporter: str) -> str:
             for f in path.parent.iterdir():
                 f.unlink()
     raise ExportError("torch.onnx.export failed: " + " | ".join(errors))
-
-
-@contextlib.contextmanager
-def _transposed_linears(module: Any) -> Iterator[None]:
-    """While traced, every ``nn.Linear`` whose weight no other module shares holds ``W^T`` (``[in, out]``) and
-    computes ``x @ W^T (+ b)``: the graph gets ``MatMul(x, W^T)`` with the parameter itself as initializer
-    (2-D inputs keep ``Gemm``, from the weight's transposed view).
-    The exporter would otherwise fold a transposed copy of every weight beside the model's own (GBs on a
-    large model). Swapped one layer at a time (one layer's copy at most), and swapped back after, to the same
-    values: the caller's module is unchanged."""
-    torch = require("torch", "export")
-    uses = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
-    swapped = []
-    try:
-        for m in module.modules():
-            if type(m) is not torch.nn.Linear or uses[id(m.weight)] != 1:
-                continue
-            w_t = torch.nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=m.weight.requires_grad)
-            del m.weight
-            m.weight_t = w_t
-            m.weight = w_t.detach().t()  # a view, for code that reads ``.weight`` (its dtype, its shape)
-            m.forward = types.MethodType(_linear_t, m)
-            swapped.append(m)
-        yield
-    finally:
-        for m in swapped:
-            w = torch.nn.Parameter(m.weight_t.detach().t().contiguous(), requires_grad=m.weight_t.requires_grad)
-            del m.weight, m.weight_t, m.forward
-            m.weight = w
-
-
-def torch_linear(x, weight, bias):
-    return require("torch", "export").nn.functional.linear(x, weight, bias)
-
-
-def _linear_t(self, x):
-    if x.dim() == 2:  # exported as Gemm (transB=1) as before: ONNX Runtime's int8 Gemm kernel reads that layout
-        return torch_linear(x, self.weight_t.t(), self.bias)
-    out = x @ self.weight_t
-    return out + self.bias if self.bias is not None else out
 
 
 def _dynamic_shapes(spec: ExportSpec) -> tuple:
