@@ -237,3 +237,23 @@ def test_matmul_nbits_pass_reports_in_one_shape():
     assert quantize.report_key == "weight_only" and quantize.report["num_quantized"] == 2
     assert {n.op_type for n in model.graph} >= {"MatMulNBits"}
     assert quantize.report["calibration"] is None
+
+
+def test_codes_spilled_to_files_give_the_same_model(monkeypatch):
+    """Large weights: the plans' packed codes wait in files until written, with the same result (GPTQ, and a
+    sensitivity budget that re-plans layers at 8 bits)."""
+    import ortq.passes.matmul_nbits as mn
+
+    proto, _ = _mlp_model(np.random.default_rng(3), k=64, hidden=96, n=32)
+    rng = np.random.default_rng(4)
+    batches = [{"A": rng.standard_normal((2, 4, 64)).astype(np.float32)} for _ in range(4)]
+    config = WeightOnlyConfig(bits=4, block_size=16, algorithm="gptq", sensitive_budget=0.5)
+    kept, report = _quantize(proto, config, batches)
+    monkeypatch.setattr(mn, "SPILL_BYTES", 0)
+    saved = []
+    real_save = np.save
+    monkeypatch.setattr(mn.np, "save", lambda path, a: (saved.append(path), real_save(path, a))[1])
+    spilled, spilled_report = _quantize(proto, config, batches)
+    assert len(saved) >= 2 and not any(p.exists() for p in saved)  # written, then cleaned up
+    assert kept.SerializeToString() == spilled.SerializeToString()
+    assert any(str(e.get("bits_reason", "")).startswith("sensitive") for e in report["nodes"])

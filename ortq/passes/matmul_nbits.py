@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,13 +97,18 @@ def _carried(grid: SourceGrid | None, site: MatMulSite, offsets: bool) -> Source
     return grid
 
 
+# Weights to quantize (float bytes) above which the plans' packed codes wait in files, not in memory.
+SPILL_BYTES = 1 << 30
+
+
 @dataclass
 class _Plan:
     """How one weight is stored: its blocks, the source grid carried (if any) and its report entry.
 
     The codes are held packed (two 4-bit codes a byte) until the graph is written: every layer's plan is made
     before any is written, and unpacked they would take a byte per weight of the model (1 GiB at 1.1 B
-    parameters, beside a GPTQ session's weights and Hessians). ``grid.blocks`` is that packed form too."""
+    parameters, beside a GPTQ session's weights and Hessians). ``grid.blocks`` is that packed form too. With
+    ``spill`` (a folder: the weights being quantized are large), the packed codes wait in a file there."""
 
     site: MatMulSite
     packed: BlockQuantized  # q: the codes packed along the last axis (see _int4.pack)
@@ -109,22 +116,30 @@ class _Plan:
     entry: dict[str, Any]
     float16: bool = False  # scales (and offsets) stored in float16
 
+    codes_file: Path | None = None  # the packed codes, when spilled (``packed.q`` is then None)
+
     @classmethod
     def of(cls, site: MatMulSite, bq: BlockQuantized, grid: SourceGrid | None, entry: dict[str, Any],
-           float16: bool) -> _Plan:
-        packed = dataclasses.replace(bq, q=pack(bq.q, bq.bits))
+           float16: bool, spill: Path | None = None) -> _Plan:
+        codes, path = pack(bq.q, bq.bits), None
+        if spill is not None:
+            path = spill / f"{len(list(spill.iterdir()))}.npy"
+            np.save(path, codes)
+            codes = None
+        packed = dataclasses.replace(bq, q=codes)
         return cls(site, packed, dataclasses.replace(grid, blocks=packed) if grid is not None else None, entry,
-                   float16)
+                   float16, path)
 
     @property
     def bq(self) -> BlockQuantized:
         p = self.packed
-        return dataclasses.replace(p, q=unpack(p.q, p.bits, p.n_blocks * p.block_size))
+        codes = np.load(self.codes_file) if self.codes_file is not None else p.q
+        return dataclasses.replace(p, q=unpack(codes, p.bits, p.n_blocks * p.block_size))
 
 
 def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
           hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool,
-          offsets: bool = True) -> _Plan:
+          offsets: bool = True, spill: Path | None = None) -> _Plan:
     """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``; one
     that needs block offsets only with ``offsets``)."""
     k, n = site.shape
@@ -165,11 +180,12 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
         entry["bits_reason"] = site.why_bits
     del w_t
     site.release()
-    return _Plan.of(site, bq, grid, entry, half is not None)
+    return _Plan.of(site, bq, grid, entry, half is not None, spill)
 
 
 def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm,
-             hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray]) -> None:
+             hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray],
+             spill: Path | None = None) -> None:
     """Upgrade the most sensitive base-format layers within ``config.sensitive_budget`` (see
     :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
     base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
@@ -185,10 +201,12 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
         else:
             extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
             candidates.append(Upgrade(key, error, error / 16, extra))
-    for key in choose_upgrades(candidates, budget):
+    order = {key: i for i, key in enumerate(plans)}
+    # In layer order: Hessians gathered group by group are read again once per group at most.
+    for key in sorted(choose_upgrades(candidates, budget), key=order.__getitem__):
         old = plans[key]
         plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True,
-                                 offsets=config.block_offsets)
+                                 offsets=config.block_offsets, spill=spill)
         new.entry["bits_reason"] = (
             f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
             f"at {config.bits} bits"
@@ -278,6 +296,9 @@ def quantize_weight_only(
     # 1. Every layer in its format (one plan per distinct weight and format: a shared weight is stored once).
     plans: dict[tuple, _Plan] = {}
     keys: list[tuple] = []
+    spill_dir = (tempfile.TemporaryDirectory(prefix="ortq-codes-", ignore_cleanup_errors=True)
+                 if sum(site.nbytes for site in sites) > SPILL_BYTES else None)
+    spill = Path(spill_dir.name) if spill_dir is not None else None
     for site in progress(sites, desc="weight-only", unit="layer"):
         k, n = site.shape
         bs, sym = _layer_format(config, site.bits, k)
@@ -285,10 +306,10 @@ def quantize_weight_only(
         keys.append(key)
         if key not in plans:
             plans[key] = _plan(site, config, algorithm, site.bits, hessians, mean_squares,
-                               keep_grid=config.keep_source_grid)
+                               keep_grid=config.keep_source_grid, spill=spill)
     # 2. The most sensitive layers upgraded within the byte budget.
     if config.sensitive_budget and config.bits < 8:
-        _upgrade(plans, config, algorithm, hessians, mean_squares)
+        _upgrade(plans, config, algorithm, hessians, mean_squares, spill)
 
     # 3. The graph. A plan's codes are dropped once its last site is replaced: they are in the initializers.
     block_sums: dict[tuple[str, int], ir.Value] = {}
@@ -398,6 +419,8 @@ def quantize_weight_only(
         bytes_before / 1e6,
         bytes_after / 1e6,
     )
+    if spill_dir is not None:
+        spill_dir.cleanup()
     return model, report
 
 
