@@ -46,7 +46,7 @@ def slow_src(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
     _slow_model(src / "model.onnx")
     # Enough single-sample batches that calibration runs for many seconds: it is always interrupted midway.
-    np.savez(src / "cal.npz", x=np.random.default_rng(1).standard_normal((4_000, 1024)).astype(np.float32))
+    np.savez(src / "cal.npz", x=np.random.default_rng(1).standard_normal((16_000, 1024)).astype(np.float32))
     return src
 
 
@@ -76,7 +76,7 @@ def _run_and_signal(src: Path, outdir: Path, tmpdir: Path, sig: int) -> tuple[in
             if not chunk:
                 break
             chunks.append(chunk)
-            # No progress bar on a pipe: the log line that calibration starts (4000 batches of 1 take ~1 s).
+            # No progress bar on a pipe: the log line that calibration starts (16000 batches of 1 take ~4 s: the signal lands mid-run on a loaded machine too).
             if b"calibrating (" in b"".join(chunks[-3:]):
                 started.set()
 
