@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,25 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
     light.CopyFrom(proto)  # the graph without initializers: the message holding the weights is dropped whole
     light.graph.initializer.extend(stubs)
     return light
+
+
+def computed_on_read(sources: Sequence[Any], compute: Callable[..., Any], shape: Sequence[int]) -> Any:
+    """An ``onnx_ir.LazyTensor`` of ``compute(*arrays of sources)``, evaluated each time it is read (when the
+    model is written), the ``sources`` (tensors mapped from an external data file) unmapped after: a model
+    holding such tensors holds no copy of a large model's weights."""
+    import numpy as np
+    import onnx_ir as ir
+
+    def evaluate() -> Any:
+        out = np.asarray(compute(*(t.numpy() for t in sources)))
+        for t in sources:
+            try:
+                t.release()
+            except BufferError:  # a view of the source is alive elsewhere: it stays mapped
+                pass
+        return ir.tensor(out)
+
+    return ir.LazyTensor(evaluate, dtype=sources[0].dtype, shape=ir.Shape(list(shape)))
 
 
 def unmap(values: Iterable[Any]) -> None:

@@ -3,8 +3,9 @@
 The model (an ``onnx_ir.Model``) is serialized once, for ONNX Runtime only: written to a temporary folder
 with its weights as external data (tensor by tensor, never a second in-memory copy of all of them); the
 additions (extra nodes and outputs, a ``ModelProto`` holding only them) are then merged into the small graph
-file, each added node placed right after the producers of its inputs. The folder is removed once the session is created (on POSIX a data file ONNX
-Runtime mapped stays valid once unlinked; elsewhere the folder lives as long as the session).
+file, each added node placed right after the producers of its inputs. The folder is removed once the
+session is created (on POSIX a data file ONNX Runtime mapped stays valid once unlinked; elsewhere the folder
+lives as long as the session).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ortq.io import unmap
+from ortq.io import computed_on_read, unmap
 from ortq.passes.initializers import add_initializer
 
 logger = logging.getLogger(__name__)
@@ -190,19 +190,9 @@ def _side_by_side(graph: ir.Graph, name: str, weights: list[ir.TensorProtocol]) 
     packed weights are never all held in memory, only written one at a time."""
     if not all(isinstance(w, ir.ExternalTensor) for w in weights):
         return add_initializer(graph, name, np.concatenate([w.numpy() for w in weights], axis=1))
-
-    def packed() -> ir.Tensor:
-        out = np.concatenate([w.numpy() for w in weights], axis=1)
-        for w in weights:
-            try:
-                w.release()
-            except BufferError:  # a view of the source is alive elsewhere: it stays mapped
-                pass
-        return ir.tensor(out)
-
-    shape = ir.Shape([int(weights[0].shape[0]), sum(int(w.shape[1]) for w in weights)])
-    value = ir.val(name, dtype=weights[0].dtype, shape=shape,
-                   const_value=ir.LazyTensor(packed, dtype=weights[0].dtype, shape=shape, name=name))
+    shape = [int(weights[0].shape[0]), sum(int(w.shape[1]) for w in weights)]
+    lazy = computed_on_read(weights, lambda *ws: np.concatenate(ws, axis=1), shape)
+    value = ir.val(name, dtype=weights[0].dtype, shape=ir.Shape(shape), const_value=lazy)
     graph.register_initializer(value)
     return value
 

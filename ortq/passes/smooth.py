@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ortq.io import unmap
+from ortq.io import computed_on_read, unmap
 from ortq.passes.base import ReportingPass
 from ortq.passes.initializers import add_initializer
 from ortq.passes.plan import ensure_node_names
@@ -209,21 +209,12 @@ def apply_smoothing(
 def _scaled_rows(weight: ir.TensorProtocol, s: np.ndarray) -> np.ndarray | ir.LazyTensor:
     """``diag(s) W``. A weight mapped from an external data file gives a tensor computed on each read (from
     the source, unmapped after): the smoothed model then holds no copy of the weights, whatever their size."""
-    if not isinstance(weight, ir.ExternalTensor):
-        w = weight.numpy()
+    def scaled(w: np.ndarray) -> np.ndarray:
         return (w * s[:, None]).astype(w.dtype)
 
-    def scaled() -> ir.Tensor:
-        w = weight.numpy()
-        out = (w * s[:, None]).astype(w.dtype)
-        del w
-        try:
-            weight.release()
-        except BufferError:  # a view of the source is alive elsewhere: it stays mapped
-            pass
-        return ir.tensor(out)
-
-    return ir.LazyTensor(scaled, dtype=weight.dtype, shape=weight.shape)
+    if not isinstance(weight, ir.ExternalTensor):
+        return scaled(weight.numpy())
+    return computed_on_read([weight], scaled, list(weight.shape))
 
 
 def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | ir.TensorProtocol,
