@@ -66,7 +66,10 @@ def _run_and_signal(src: Path, outdir: Path, tmpdir: Path, sig: int) -> tuple[in
         sys.executable, "-m", "ortq.cli", "quantize", str(src / "model.onnx"), "-o", str(outdir / "int8"),
         "--calibration-data", str(src / "cal.npz"), "--batch-size", "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(outdir))
+    # A job started in the background (``cmd &``) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the child gets the default disposition back, as in a terminal.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(outdir),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[bytes] = []
     started = threading.Event()
 
