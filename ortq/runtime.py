@@ -317,6 +317,13 @@ def batch_size_of(batch: Mapping[str, np.ndarray]) -> int:
     return 1
 
 
+def batch_samples(batch: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of ``batch``: every input whose leading axis is the batch is sliced, the others
+    (shared inputs) are kept whole."""
+    n = batch_size_of(batch)
+    return {k: (v[start:stop] if np.ndim(v) >= 1 and np.shape(v)[0] == n else v) for k, v in batch.items()}
+
+
 def run_batches(
     session,
     batches: Iterable[Mapping[str, np.ndarray]],

@@ -23,7 +23,14 @@ import onnx_ir as ir
 
 from ortq.calibrators.engine import LocalEngine, ShardJob
 from ortq.calibrators.graph import observed_session
-from ortq.runtime import SessionSettings, attention_mask_of, batch_size_of, release_freed_memory, run_batches
+from ortq.runtime import (
+    SessionSettings,
+    attention_mask_of,
+    batch_samples,
+    batch_size_of,
+    release_freed_memory,
+    run_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +142,7 @@ def _parts(batch: Mapping[str, np.ndarray], names: Sequence[str],
     if pieces <= 1:
         return [batch]
     bounds = np.linspace(0, n, pieces + 1).astype(int)
-    return [{k: (v[a:b] if np.ndim(v) >= 1 and np.shape(v)[0] == n else v) for k, v in batch.items()}
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [batch_samples(batch, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def channel_absmax(

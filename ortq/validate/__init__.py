@@ -36,6 +36,7 @@ from ortq.hostinfo import host_info
 from ortq.runtime import (
     ProviderFailed,
     SessionSettings,
+    batch_samples,
     batch_size_of,
     normalize_provider,
     provider_availability,
@@ -180,7 +181,7 @@ def validate(
         if placement:
             # A large model's placement is read on one sample: the kernels are the same, the activations
             # (held in the session's arena beside its weights) a batch-size fraction.
-            feed = _first_sample(batches[0]) if one_session_at_a_time else batches[0]
+            feed = batch_samples(batches[0], 0, 1) if one_session_at_a_time else batches[0]
             _add_placement(rows, r_model, q_model, feed, intra_op_num_threads)
     gen_block = generative_section(*gen_args, required=gen_required, threads=intra_op_num_threads,
                                    one_at_a_time=one_session_at_a_time)
@@ -276,11 +277,6 @@ def _add_placement(
             }
         except (ValidationFailed, ProviderFailed) as exc:
             row["placement"] = {"error": str(exc)}
-
-
-def _first_sample(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = batch_size_of(batch)
-    return {k: (v[:1] if np.ndim(v) >= 1 and np.shape(v)[0] == n else v) for k, v in batch.items()}
 
 
 def _data_block(batches: list[dict[str, np.ndarray]], source: str) -> dict[str, Any]:
