@@ -62,6 +62,14 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                       {"sensitive_budget": 0.0, "auto_int8_sensitive": False, "symmetric": False}),
     "asym-lm8": ("gptq asymmetric (integer zero points), 8-bit tied lm_head, no budget",
                  {"sensitive_budget": 0.0, "symmetric": False}),
+    "asym-budget": ("gptq asymmetric + sensitive_budget 0.1 upgrading to 8 bits only (no block offsets)",
+                    {"symmetric": False, "block_offsets": False}),
+    "asym-budget-lm4": ("gptq asymmetric, 4-bit lm_head unless measured, sensitive_budget 0.15 to 8 bits only",
+                        {"symmetric": False, "block_offsets": False, "auto_int8_sensitive": False,
+                         "sensitive_budget": 0.15}),
+    "asym-budget-lm4-25": ("gptq asymmetric, 4-bit lm_head unless measured, sensitive_budget 0.25 to 8 bits only",
+                           {"symmetric": False, "block_offsets": False, "auto_int8_sensitive": False,
+                            "sensitive_budget": 0.25}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

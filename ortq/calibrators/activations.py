@@ -92,6 +92,8 @@ def _absmax_additions(model: ir.Model, activations: Sequence[str], sample_rows: 
 # Bytes of whole activations fetched in one run for SmoothQuant's row sample (estimated from the batch's tokens
 # and the activations' widths); more are fetched over further runs of the same batch.
 ROW_FETCH_BYTES = 256 << 20
+# Bytes of float64 rows (and of one column block of X^T X) folded into the weight statistics at a time.
+FOLD_CHUNK_BYTES = 32 << 20
 
 
 def _last_dims(model: ir.Model, names: Sequence[str]) -> dict[str, int]:
@@ -202,6 +204,15 @@ def channel_absmax(
     return stats
 
 
+def add_gram(gram: np.ndarray, x: np.ndarray) -> None:
+    """``gram += x.T @ x`` in place, one block of columns at a time (temporaries of about
+    :data:`FOLD_CHUNK_BYTES`, not a second ``K x K`` array)."""
+    rows, width = x.shape
+    step = max(1, FOLD_CHUNK_BYTES // (8 * max(width, 1)))
+    for j in range(0, width, step):
+        gram[:, j:j + step] += x.T @ x[:, j:j + step]
+
+
 class MomentsJob(ShardJob):
     """Row counts, per-channel sums of squares and (with ``hessians``) ``X^T X`` of ``activations``, as a
     :class:`~ortq.calibrators.engine.ShardJob`: all are sums, merged by adding the shards' partials in shard
@@ -241,13 +252,23 @@ class MomentsJob(ShardJob):
         mask = attention_mask_of(batch)
         for name in self.activations:
             x = np.asarray(outs[name], np.float32)
+            rows = None
             if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.astype(bool)]
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            stats.count[name] = stats.count.get(name, 0) + x.shape[0]
-            stats.sum_squares[name] = stats.sum_squares.get(name, 0.0) + (x * x).sum(axis=0)
-            if self.hessians:
-                stats.hessians[name] = stats.hessians.get(name, 0.0) + x.T @ x
+                rows = np.flatnonzero(mask.reshape(-1).astype(bool))
+            x = x.reshape(-1, x.shape[-1])
+            width = x.shape[1]
+            total = x.shape[0] if rows is None else rows.size
+            stats.count[name] = stats.count.get(name, 0) + total
+            squares = stats.sum_squares.setdefault(name, np.zeros(width, np.float64))
+            gram = stats.hessians.setdefault(name, np.zeros((width, width))) if self.hessians else None
+            # float64 copies of FOLD_CHUNK_BYTES of rows at a time, and X^T X added in place by column blocks:
+            # a whole activation in float64 and a second K x K product would cost GBs beside a large model.
+            step = max(1, FOLD_CHUNK_BYTES // (8 * max(width, 1)))
+            for r in range(0, total, step):
+                chunk = (x[r:r + step] if rows is None else x[rows[r:r + step]]).astype(np.float64)
+                squares += np.einsum("ij,ij->j", chunk, chunk)
+                if gram is not None:
+                    add_gram(gram, chunk)
 
     def merge(self, partials: Sequence[ActivationStatistics]) -> ActivationStatistics:
         total = ActivationStatistics()
