@@ -123,6 +123,11 @@ def tensor_bytes(model: onnx.ModelProto | Any) -> int:
     return total
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of an ``onnx_ir.Model``'s initializers, in memory or in external data files (nothing is read)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def needs_external_data(model: onnx.ModelProto | Any) -> bool:
     """Whether ``model`` is too large to pass through one protobuf message (save or hand over as bytes)."""
     return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD

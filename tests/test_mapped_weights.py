@@ -145,3 +145,52 @@ def test_second_moments_over_batches_cut_along_samples_are_the_same(tiny_llama_d
     for name in names:
         np.testing.assert_allclose(cut.sum_squares[name], whole.sum_squares[name], rtol=1e-12)
         np.testing.assert_allclose(cut.hessians[name], whole.hessians[name], rtol=1e-9, atol=1e-9)
+
+
+def test_weight_statistics_fold_in_chunks_matches_the_direct_sums(monkeypatch):
+    """Rows are folded a few at a time in float64 (masked positions left out) and X^T X is added by column
+    blocks: the same counts, sums of squares and Hessians as the direct float64 formulas."""
+    from ortq.calibrators import activations
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 7, 24)).astype(np.float32)
+    mask = (rng.random((3, 7)) > 0.3).astype(np.int64)
+    rows = x[mask.astype(bool)].astype(np.float64)
+    monkeypatch.setattr(activations, "FOLD_CHUNK_BYTES", 5 * 24 * 8)  # 5 rows, and 5 columns of X^T X, at a time
+    job = activations.MomentsJob(["a"], hessians=True)
+    stats = activations.ActivationStatistics()
+    for _ in range(2):  # a second batch adds to the first
+        job._fold(stats, {"input_ids": np.zeros((3, 7), np.int64), "attention_mask": mask}, {"a": x})
+    assert stats.count["a"] == 2 * rows.shape[0]
+    np.testing.assert_allclose(stats.sum_squares["a"], 2 * (rows * rows).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.hessians["a"], 2 * rows.T @ rows, rtol=1e-12, atol=1e-12)
+
+
+def test_bound_heap_growth_hands_freed_large_blocks_back():
+    """After ``bound_heap_growth``, freed blocks of a MiB and more leave the process's RSS (checked in a child
+    process: the setting lasts for the process)."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, sys, numpy as np
+from ortq.runtime import bound_heap_growth
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+if sys.argv[1] == "bound":
+    assert bound_heap_growth()
+np.ones(1 << 20)  # freed at once: glibc's own threshold rises to its 8 MiB
+base = rss()
+big, keep = [], []
+for i in range(100):  # 2 MiB blocks between small ones that stay: the heap cannot shrink past them
+    big.append(np.ones(1 << 18))
+    keep.append(np.ones(64))
+del big
+gc.collect()
+print(rss() - base)
+"""
+    grown = {}
+    for mode in ("default", "bound"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        grown[mode] = int(out.stdout.strip())
+    assert grown["bound"] < 32 < 150 < grown["default"], grown

@@ -43,6 +43,7 @@ from ortq.export.sources import load_transformers, save_side_files
 from ortq.export.spec import max_positions, module_spec, transformers_spec
 from ortq.export.vision import save_preprocessor, vision_spec, vision_task
 from ortq.io import MODEL_FILENAME, atomic_output_dir, check_output_dir
+from ortq.runtime import LARGE_MODEL_BYTES, bound_heap_growth
 from ortq.tasks import TASK_SPECS, normalize_task, task_from_config
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ def export(
                 hf_model, tokenizer, task, example_inputs, input_names, output_names, dynamic_axes, max_length
             )
 
+    if sum(p.numel() * p.element_size() for p in spec.module.parameters()) > LARGE_MODEL_BYTES:
+        bound_heap_growth()  # the exporter's copies of large weights are released when freed
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model_path = tmp / MODEL_FILENAME
         try:

@@ -38,6 +38,7 @@ from ortq.runtime import (
     SessionSettings,
     batch_samples,
     batch_size_of,
+    bound_heap_growth,
     normalize_provider,
     provider_availability,
 )
@@ -169,6 +170,8 @@ def validate(
 
     if one_session_at_a_time is None:
         one_session_at_a_time = model_summary(r_model)["size_bytes"] > ONE_SESSION_BYTES
+    if one_session_at_a_time:
+        bound_heap_growth()
     with tempfile.TemporaryDirectory(prefix="ortq-validate-") as cache_dir:
         if one_session_at_a_time:
             rows, outputs, session_block = compare_one_at_a_time(
