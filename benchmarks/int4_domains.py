@@ -70,6 +70,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "asym-budget-lm4-25": ("gptq asymmetric, 4-bit lm_head unless measured, sensitive_budget 0.25 to 8 bits only",
                            {"symmetric": False, "block_offsets": False, "auto_int8_sensitive": False,
                             "sensitive_budget": 0.25}),
+    "default-bc": ("default + bias correction (mean output error as a bias, centred GPTQ)",
+                   {"bias_correction": True}),
+    "asym-budget-bc": ("asym-budget + bias correction",
+                       {"symmetric": False, "block_offsets": False, "bias_correction": True}),
+    "all-4bit-asym-bc": ("all-4bit-asym + bias correction",
+                         {"sensitive_budget": 0.0, "auto_int8_sensitive": False, "symmetric": False,
+                          "bias_correction": True}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

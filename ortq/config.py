@@ -284,6 +284,9 @@ class WeightOnlyConfig(_JsonConfig):
             carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.8 % / +3.8 %
             perplexity (in-domain / news) and 146.9 decode tokens/s with offsets, +3.7 % / +6.5 % and 169.8
             without (``benchmarks/int4_domains.py``, ``benchmarks/generation.py``).
+        bias_correction: re-quantized layers get the mean error of their outputs back as a constant bias
+            (``MatMulNBits``' bias input: free at run time), from the calibration activations' channel means,
+            and GPTQ minimises the error of the centred activations (their mean's share goes to the bias).
         float16_scales: block scales (and a carried grid's block offsets) stored in float16 and cast to
             float32 by a constant ``Cast`` that ONNX Runtime folds when the session is created: half a bit per
             weight less on disk, the same kernels. A scale float16 cannot hold within 0.1 % stays float32.
@@ -308,6 +311,7 @@ class WeightOnlyConfig(_JsonConfig):
     sensitive_budget: float = 0.1
     float16_scales: bool = True
     block_offsets: bool = True
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))

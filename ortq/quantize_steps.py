@@ -79,7 +79,7 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
     names = weight_only_activations(model, config)
     gptq = WeightOnlyAlgorithm(config.algorithm) == WeightOnlyAlgorithm.GPTQ
     if not names:  # every weight carries its source grid: nothing to measure
-        return {"mean_squares": {}, "hessians": {} if gptq else None,
+        return {"mean_squares": {}, "means": {}, "counts": {}, "hessians": {} if gptq else None,
                 "calibration": {"tokens": 0, "activations": 0, "seconds": 0.0,
                                 "skipped": "every weight carries the block grid it lies on"}}
     budget = HESSIAN_BUDGET_BYTES if hessian_budget_bytes is None else int(hessian_budget_bytes)
@@ -101,6 +101,8 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
     calibration["seconds"] = round(time.perf_counter() - start, 2)  # the groups' passes come later, in the pass
     return {
         "mean_squares": {n: stats.mean_square(n) for n in stats.sum_squares},
+        "means": {n: stats.mean(n) for n in stats.sums},
+        "counts": dict(stats.count),
         "hessians": hessians,
         "calibration": calibration,
     }

@@ -155,3 +155,29 @@ def test_weights_that_carry_their_grid_need_no_statistics():
     assert weight_only_activations(model, carry) == ["r"]  # fc2's input: fc1 carries its grid
     assert weight_only_activations(model, WeightOnlyConfig()) == ["A", "r"]  # the budget measures every layer
     assert weight_only_activations(model, dataclasses.replace(carry, keep_source_grid=False)) == ["A", "r"]
+
+
+def test_bias_correction_removes_the_mean_output_error():
+    """Activations far from zero mean (as after a norm with large gains): with ``bias_correction`` the mean
+    error of each re-quantized layer's output goes back as its ``MatMulNBits`` bias (fc1's on top of its
+    own), so held-out outputs lose their systematic error and their mean squared error drops."""
+    rng = np.random.default_rng(3)
+    proto, _ = _mlp_model(rng, k=64, hidden=64, bias=True, out_proj=True)
+    offset = rng.uniform(2.0, 4.0, 64).astype(np.float32)
+
+    def batches(n):
+        return [{"A": (rng.standard_normal((4, 16, 64)) + offset).astype(np.float32)} for _ in range(n)]
+
+    calib, held = batches(8), batches(4)
+    base = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, sensitive_budget=0.0, block_size=32)
+    ref = np.concatenate([_run(proto, b) for b in held]).reshape(-1, 48)
+    errors = {}
+    for on in (False, True):
+        q, report = _quantize(proto, dataclasses.replace(base, bias_correction=on), calib)
+        nodes = {n.name: n for n in q.graph.node if n.op_type == "MatMulNBits"}
+        assert all(len(n.input) == (6 if on else (6 if name.startswith("fc1") else 3)) for name, n in nodes.items())
+        assert all(e.get("bias_correction", False) == on for e in report["nodes"])
+        out = np.concatenate([_run(q, b) for b in held]).reshape(-1, 48)
+        errors[on] = (np.abs((out - ref).mean(axis=0)).mean(), float(((out - ref) ** 2).mean()))
+    assert errors[True][0] < errors[False][0] / 3
+    assert errors[True][1] < errors[False][1]

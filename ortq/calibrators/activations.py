@@ -44,6 +44,7 @@ class ActivationStatistics:
         rows: up to ``sample_rows`` finite, non-padded rows ``[n, C]``; an activation with none is absent.
         count: non-padded rows seen.
         sum_squares: per-channel ``sum x^2`` (float64).
+        sums: per-channel ``sum x`` (float64), beside ``sum_squares``.
         hessians: ``X^T X`` (float64, ``[C, C]``).
     """
 
@@ -51,6 +52,7 @@ class ActivationStatistics:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
     sum_squares: dict[str, np.ndarray] = field(default_factory=dict)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def mean_square(self, name: str) -> np.ndarray | None:
@@ -58,6 +60,12 @@ class ActivationStatistics:
         if name not in self.sum_squares:
             return None
         return self.sum_squares[name] / max(self.count.get(name, 0), 1)
+
+    def mean(self, name: str) -> np.ndarray | None:
+        """Per-channel mean of ``name``, if gathered."""
+        if name not in self.sums:
+            return None
+        return self.sums[name] / max(self.count.get(name, 0), 1)
 
     @property
     def tokens(self) -> int:
@@ -260,6 +268,7 @@ class MomentsJob(ShardJob):
             total = x.shape[0] if rows is None else rows.size
             stats.count[name] = stats.count.get(name, 0) + total
             squares = stats.sum_squares.setdefault(name, np.zeros(width, np.float64))
+            sums = stats.sums.setdefault(name, np.zeros(width, np.float64))
             gram = stats.hessians.setdefault(name, np.zeros((width, width))) if self.hessians else None
             # float64 copies of FOLD_CHUNK_BYTES of rows at a time, and X^T X added in place by column blocks:
             # a whole activation in float64 and a second K x K product would cost GBs beside a large model.
@@ -267,6 +276,7 @@ class MomentsJob(ShardJob):
             for r in range(0, total, step):
                 chunk = (x[r:r + step] if rows is None else x[rows[r:r + step]]).astype(np.float64)
                 squares += np.einsum("ij,ij->j", chunk, chunk)
+                sums += chunk.sum(axis=0)
                 if gram is not None:
                     add_gram(gram, chunk)
 
@@ -275,7 +285,7 @@ class MomentsJob(ShardJob):
         for part in partials:
             for name, n in part.count.items():
                 total.count[name] = total.count.get(name, 0) + n
-            for field_name in ("sum_squares", "hessians"):
+            for field_name in ("sum_squares", "sums", "hessians"):
                 into, add = getattr(total, field_name), getattr(part, field_name)
                 for name, value in add.items():
                     into[name] = into[name] + value if name in into else value.copy()

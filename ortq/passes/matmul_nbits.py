@@ -117,10 +117,11 @@ class _Plan:
     float16: bool = False  # scales (and offsets) stored in float16
 
     codes_file: Path | None = None  # the packed codes, when spilled (``packed.q`` is then None)
+    correction: np.ndarray | None = None  # [N] float32: the mean output error, added as a bias
 
     @classmethod
     def of(cls, site: MatMulSite, bq: BlockQuantized, grid: SourceGrid | None, entry: dict[str, Any],
-           float16: bool, spill: Path | None = None) -> _Plan:
+           float16: bool, spill: Path | None = None, correction: np.ndarray | None = None) -> _Plan:
         codes, path = pack(bq.q, bq.bits), None
         if spill is not None:
             path = spill / f"{len(list(spill.iterdir()))}.npy"
@@ -128,7 +129,7 @@ class _Plan:
             codes = None
         packed = dataclasses.replace(bq, q=codes)
         return cls(site, packed, dataclasses.replace(grid, blocks=packed) if grid is not None else None, entry,
-                   float16, path)
+                   float16, path, correction)
 
     @property
     def bq(self) -> BlockQuantized:
@@ -139,7 +140,8 @@ class _Plan:
 
 def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm, bits: int,
           hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray], *, keep_grid: bool,
-          offsets: bool = True, spill: Path | None = None) -> _Plan:
+          offsets: bool = True, spill: Path | None = None,
+          centers: Mapping[str, tuple[np.ndarray, int]] | None = None) -> _Plan:
     """Quantize ``site``'s weight at ``bits`` (or carry the source grid it lies on, with ``keep_grid``; one
     that needs block offsets only with ``offsets``)."""
     k, n = site.shape
@@ -149,6 +151,9 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
     xtx = hessians.get(act)
     tied = bool(site.tied_gather)
     importance = mean_squares.get(act) if not tied else None
+    center = (centers or {}).get(act) if config.bias_correction and not tied and _one_use(site) else None
+    if center is not None and xtx is not None:  # the mean's share of the error goes to the bias
+        xtx = xtx - center[1] * np.outer(center[0], center[0])
     grid = _carried(exact_source_grid(w_t, bits, config.block_size), site, offsets) if keep_grid else None
     if grid is not None:
         bq = grid.blocks
@@ -171,21 +176,43 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
         "shape": [k, n],
         "algorithm": algo,
         "grid": "carried" if grid is not None else "requantized",
-        **(relative_errors(w_t, bq, xtx) if grid is None else {"weight_rel_rmse": 0.0}),
+        **(relative_errors(w_t, bq, xtx, signal_xtx=hessians.get(act)) if grid is None else {"weight_rel_rmse": 0.0}),
     }
     if grid is not None and grid.offsets is not None:
         entry["block_offsets"] = "float16" if half is not None else "float32"
     entry["scales"] = "float16" if half is not None else "float32"
     if site.why_bits:
         entry["bits_reason"] = site.why_bits
+    correction = None
+    if center is not None and grid is None:
+        correction = _mean_error(w_t, bq, center[0])
+        entry["bias_correction"] = True
     del w_t
     site.release()
-    return _Plan.of(site, bq, grid, entry, half is not None, spill)
+    return _Plan.of(site, bq, grid, entry, half is not None, spill, correction)
+
+
+def _one_use(site: MatMulSite) -> bool:
+    """Whether ``site``'s weight has no other consumer (a shared weight's bias would fit one input only)."""
+    return len(list(site.weight.uses())) == 1
+
+
+def _mean_error(w_t: np.ndarray, bq: BlockQuantized, mean: np.ndarray, chunk_values: int = 1 << 22) -> np.ndarray:
+    """``(W - dequantized) @ mean`` for ``w_t [N, K]``, by row chunks: the output error at the mean input."""
+    rows, k = w_t.shape
+    out = np.empty(rows, np.float64)
+    zp = bq.zero_points
+    step = max(1, chunk_values // max(k, 1))
+    for r in range(0, rows, step):
+        part = dataclasses.replace(bq, q=bq.q[r:r + step], scales=bq.scales[r:r + step],
+                                   zero_points=None if zp is None else zp[r:r + step])
+        out[r:r + step] = (w_t[r:r + step] - part.dequantize()).astype(np.float64) @ mean
+    return out.astype(np.float32)
 
 
 def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: WeightOnlyAlgorithm,
              hessians: Mapping[str, np.ndarray], mean_squares: Mapping[str, np.ndarray],
-             spill: Path | None = None) -> None:
+             spill: Path | None = None, centers: Mapping[str, tuple[np.ndarray, int]] | None = None) -> None:
     """Upgrade the most sensitive base-format layers within ``config.sensitive_budget`` (see
     :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
     base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
@@ -206,7 +233,7 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
     for key in sorted(choose_upgrades(candidates, budget), key=order.__getitem__):
         old = plans[key]
         plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True,
-                                 offsets=config.block_offsets, spill=spill)
+                                 offsets=config.block_offsets, spill=spill, centers=centers)
         new.entry["bits_reason"] = (
             f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
             f"at {config.bits} bits"
@@ -239,6 +266,8 @@ def quantize_weight_only(
     mean_squares: Mapping[str, np.ndarray] | None = None,
     hessians: Mapping[str, np.ndarray] | None = None,
     calibration: dict[str, Any] | None = None,
+    means: Mapping[str, np.ndarray] | None = None,
+    counts: Mapping[str, int] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize the constant weights of ``MatMul`` (and embedding ``Gather``) nodes in place.
 
@@ -249,6 +278,7 @@ def quantize_weight_only(
             calibration data (with ``rtn`` they weight the clipping search by activation energy).
         hessians: ``X^T X`` of those activations (required by ``gptq``).
         calibration: what the statistics came from (tokens, activations, seconds), for the report.
+        means, counts: per-channel means of those activations and their row counts (``bias_correction``).
 
     Returns:
         The model and a JSON-able report: per quantized node its bits, block size, shape, algorithm and
@@ -292,6 +322,7 @@ def quantize_weight_only(
 
     mean_squares = mean_squares or {}
     hessians = hessians or {}
+    centers = {a: (np.asarray(m, np.float64), int((counts or {}).get(a, 0))) for a, m in (means or {}).items()}
     _ensure_opset(model)
     # 1. Every layer in its format (one plan per distinct weight and format: a shared weight is stored once).
     plans: dict[tuple, _Plan] = {}
@@ -306,10 +337,10 @@ def quantize_weight_only(
         keys.append(key)
         if key not in plans:
             plans[key] = _plan(site, config, algorithm, site.bits, hessians, mean_squares,
-                               keep_grid=config.keep_source_grid, spill=spill)
+                               keep_grid=config.keep_source_grid, spill=spill, centers=centers)
     # 2. The most sensitive layers upgraded within the byte budget.
     if config.sensitive_budget and config.bits < 8:
-        _upgrade(plans, config, algorithm, hessians, mean_squares, spill)
+        _upgrade(plans, config, algorithm, hessians, mean_squares, spill, centers)
 
     # 3. The graph. A plan's codes are dropped once its last site is replaced: they are in the initializers.
     block_sums: dict[tuple[str, int], ir.Value] = {}
@@ -335,7 +366,7 @@ def quantize_weight_only(
             before += 0 if g.inputs[0] is site.weight else site.nbytes
         after = stored_bytes(bq, grid, float16=plan.float16) + (site.bias.nbytes if site.bias is not None else 0)
         b_val, s_val, z_val = _replace_matmul(graph, site, bq, config, grid=grid, block_sums=block_sums,
-                                              float16=plan.float16)
+                                              float16=plan.float16, correction=plan.correction)
         made[key] = (b_val, s_val, z_val)
         for g in site.tied_gather:
             old_table = g.inputs[0]
@@ -451,7 +482,7 @@ def _add_offsets(graph: ir.Graph, node: ir.Node, site: MatMulSite, grid: SourceG
 
 def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
                     values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None,
-                    float16: bool = False):
+                    float16: bool = False, correction: np.ndarray | None = None):
     """Replace ``site`` by MatMulNBits on new initializers, or on ``values`` (those of a weight shared with a
     site replaced before); a carried source grid with offsets adds them after the op."""
     node = site.node
@@ -472,6 +503,13 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
             site.bias_add.inputs[0] if site.bias_add.inputs[1] is node.outputs[0] else site.bias_add.inputs[1]
         )
         inputs += [None, old_bias]
+    replaced_bias = None
+    if correction is not None:
+        bias = inputs[5] if len(inputs) > 5 else None
+        if bias is None or bias.const_value is not None:
+            total = correction if bias is None else bias.const_value.numpy().astype(np.float32) + correction
+            inputs[4:] = [None, add_initializer(graph, f"{base}_bias_corrected", total.astype(np.float32))]
+            replaced_bias = bias
     while inputs and inputs[-1] is None:
         inputs.pop()
     attrs: dict[str, Any] = {"K": k, "N": n, "bits": bq.bits, "block_size": bq.block_size}
@@ -487,7 +525,7 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
     swap_output(graph, anchor, last)
     if site.bias_add is not None:
         graph.remove(node, safe=True)
-    drop_unused_initializers(graph, [old_weight])
+    drop_unused_initializers(graph, [old_weight] + ([replaced_bias] if replaced_bias is not None else []))
     unmap([old_weight])
     return b_val, s_val, z_val
 
@@ -510,15 +548,19 @@ class MatMulNBitsPass(ReportingPass):
         mean_squares: Mapping[str, np.ndarray] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
         calibration: dict[str, Any] | None = None,
+        means: Mapping[str, np.ndarray] | None = None,
+        counts: Mapping[str, int] | None = None,
     ):
         super().__init__()
         self.config = config
+        self.means, self.counts = means, counts
         self.mean_squares = mean_squares
         self.hessians = hessians
         self.calibration = calibration
 
     def rewrite(self, model: ir.Model) -> bool:
         _, self.report = quantize_weight_only(
-            model, self.config, mean_squares=self.mean_squares, hessians=self.hessians, calibration=self.calibration
+            model, self.config, mean_squares=self.mean_squares, hessians=self.hessians, calibration=self.calibration,
+            means=self.means, counts=self.counts,
         )
         return self.report["num_quantized"] > 0

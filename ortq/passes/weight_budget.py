@@ -92,10 +92,12 @@ def int8_bytes(rows: int, k: int, block_size: int, *, scale_bytes: int = 4) -> i
 
 
 def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None,
-                    chunk_values: int = 1 << 22) -> dict[str, float]:
+                    chunk_values: int = 1 << 22, *, signal_xtx: np.ndarray | None = None) -> dict[str, float]:
     """Relative RMS error of the dequantized weight, and of the layer's output on the activations whose
-    ``X^T X`` is ``xtx`` (when given). Computed by row chunks of about ``chunk_values`` values: float64 copies
-    of a whole embedding table or lm_head would cost several times its float32 size."""
+    ``X^T X`` is ``xtx`` (when given; relative to the output on ``signal_xtx`` when that is given: the error
+    of centred activations against the whole signal). Computed by row chunks of about ``chunk_values``
+    values: float64 copies of a whole embedding table or lm_head would cost several times its float32 size."""
+    signal = xtx if signal_xtx is None else signal_xtx
     num_w = den_w = num_x = den_x = 0.0
     rows, zp = w_t.shape[0], bq.zero_points
     step = max(1, chunk_values // max(w_t.shape[1], 1))
@@ -108,7 +110,7 @@ def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None,
         den_w += float((wd * wd).sum())
         if isinstance(xtx, np.ndarray):
             num_x += float(np.einsum("nk,kj,nj->", d, xtx, d, optimize=True))
-            den_x += float(np.einsum("nk,kj,nj->", wd, xtx, wd, optimize=True))
+            den_x += float(np.einsum("nk,kj,nj->", wd, signal, wd, optimize=True))
     out = {"weight_rel_rmse": float(np.sqrt(num_w / max(den_w, 1e-30)))}
     if isinstance(xtx, np.ndarray):
         out["output_rel_rmse"] = float(np.sqrt(max(num_x, 0.0) / max(den_x, 1e-30)))
