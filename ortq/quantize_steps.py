@@ -62,9 +62,9 @@ class Quantized:
 # GPTQ's Hessians (float64 K x K per activation) of all quantized MatMuls at once may not exceed this; above
 # it they are gathered group by group (see :class:`~ortq.calibrators.activations.GroupedHessians`), in groups
 # of at most HESSIAN_GROUP_BYTES: a group's sums are held beside the session's weights while they are gathered
-# (at 1.1 B parameters, groups of 1 GiB peaked at S + 1.9 GiB).
+# (at 1.1 B parameters, groups of 512 MiB peaked at S + 1.62 GiB; each group is one more calibration pass).
 HESSIAN_BUDGET_BYTES = 1 << 30
-HESSIAN_GROUP_BYTES = 512 << 20
+HESSIAN_GROUP_BYTES = 256 << 20
 
 
 def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *, engine: Any = None,

@@ -4,6 +4,7 @@ one calibration pass holding all of them."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 import ortq.quantize_steps as qs
 from ortq.calibrators.activations import GroupedHessians, hessian_groups
@@ -57,3 +58,33 @@ def test_grouped_hessians_are_bit_identical_to_one_pass(tiny_llama_dir, monkeypa
     assert [{k: v for k, v in e.items() if k not in strip} for e in whole.report["nodes"]] == \
         [{k: v for k, v in e.items() if k not in strip} for e in grouped.report["nodes"]]
     assert {e["algorithm"] for e in grouped.report["nodes"] if e["op"] == "MatMulNBits"} >= {"gptq"}
+
+
+def test_statistics_sessions_run_only_what_computes_their_activations(tiny_llama_dir):
+    """A group's pass runs the layers up to its activations, not the rest of the decoder nor its logits: the
+    pruned model computes the same values, has those activations as its only outputs and drops the rest."""
+    import onnx
+    import onnxruntime as ort
+
+    from ortq.calibrators.graph import pruned_to
+    from ortq.passes.matmul_nbits import weight_only_activations
+    from ortq.quantize_steps import QuantizeSteps
+
+    steps = QuantizeSteps(tiny_llama_dir / "model.onnx")
+    names = weight_only_activations(steps.model, WeightOnlyConfig())
+    first = names[:2]
+    pruned = pruned_to(steps.model, first)
+    assert [v.name for v in pruned.graph.outputs] == first
+    assert len(pruned.graph) < len(steps.model.graph)
+    assert not any("layers.1" in (n.name or "") or "lm_head" in (n.name or "") for n in pruned.graph)
+    assert len(pruned.graph.initializers) < len(steps.model.graph.initializers)
+    assert len(steps.model.graph.outputs) and steps.model.graph.outputs[0].name not in first  # the source is kept
+    proto = ir.to_proto(pruned)
+    feeds = next(iter(steps.batches(real_text("calibration", 2), batch_size=2)))
+    full = ir.to_proto(steps.model.clone())
+    full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in first)
+    want = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"]).run(first, feeds)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(first, feeds)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    assert pruned_to(steps.model, ["not-a-value"]) is steps.model

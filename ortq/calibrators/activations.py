@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from ortq.calibrators.engine import LocalEngine, ShardJob
-from ortq.calibrators.graph import observed_session
+from ortq.calibrators.graph import observed_session, pruned_to
 from ortq.runtime import (
     SessionSettings,
     attention_mask_of,
@@ -99,7 +99,7 @@ def _absmax_additions(model: ir.Model, activations: Sequence[str], sample_rows: 
 
 # Bytes of whole activations fetched in one run for SmoothQuant's row sample (estimated from the batch's tokens
 # and the activations' widths); more are fetched over further runs of the same batch.
-ROW_FETCH_BYTES = 256 << 20
+ROW_FETCH_BYTES = 128 << 20
 # Bytes of float64 rows (and of one column block of X^T X) folded into the weight statistics at a time.
 FOLD_CHUNK_BYTES = 32 << 20
 
@@ -233,6 +233,9 @@ class MomentsJob(ShardJob):
         self.hessians = hessians
 
     def open(self, model: ir.Model):
+        # Only what computes the activations: on a decoder, not the logits, nor for Hessians gathered group
+        # by group (GroupedHessians) the layers after a group.
+        model = pruned_to(model, self.activations)
         additions = onnx.ModelProto()
         existing = {o.name for o in model.graph.outputs}
         additions.graph.output.extend(

@@ -115,3 +115,36 @@ def light_proto(model: ir.Model, max_init_bytes: int = 4096) -> onnx.ModelProto:
             if not value.is_graph_input():
                 graph.inputs.append(value)
     return ir.to_proto(light)
+
+
+
+def pruned_to(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of ``model`` (sharing its weights) whose outputs are the values ``names`` and that holds only the
+    nodes they depend on, and their initializers: on a decoder, the layers after the last of them and the
+    logits are left out. Every graph input stays. ``model`` itself when a name is not a node's output in the
+    main graph."""
+    clone = model.clone()
+    produced = {v.name: v for node in clone.graph for v in node.outputs}
+    if not names or any(n not in produced for n in names):
+        return model
+    needed: set[int] = set()
+    stack = [produced[n].producer() for n in names]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in needed or node.graph is not clone.graph:
+            continue
+        needed.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+        for attr in node.attributes.values():  # outer values read inside a subgraph (an If / Loop body)
+            subgraphs = attr.value if attr.type == ir.AttributeType.GRAPHS else (
+                [attr.value] if attr.type == ir.AttributeType.GRAPH else [])
+            for sub in subgraphs:
+                stack.extend(v.producer() for inner in ir.traversal.RecursiveGraphIterator(sub)
+                             for v in inner.inputs if v is not None)
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(produced[n] for n in dict.fromkeys(names))
+    clone.graph.remove([node for node in clone.graph if id(node) not in needed], safe=True)
+    for name, value in list(clone.graph.initializers.items()):
+        if not value.uses():
+            del clone.graph.initializers[name]
+    return clone
