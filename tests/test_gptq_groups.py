@@ -47,16 +47,23 @@ def test_grouped_hessians_are_bit_identical_to_one_pass(tiny_llama_dir, monkeypa
     monkeypatch.setattr(qs, "HESSIAN_BUDGET_BYTES", smallest)  # one activation per group
     grouped = steps.weight_only(config, feeds)
     assert grouped.report["calibration"]["hessian_groups"] == len(widths) > 1
-    # each group gathered alone; the sensitivity budget reads again the groups of the layers it upgrades
-    assert len(passes) >= len(widths) and all(len(p) == 1 for p in passes)
+    # each group gathered alone, once: the layers the sensitivity budget upgrades to 8 bits (rounded to
+    # nearest) do not read their group again
+    assert len(passes) == len(widths) and all(len(p) == 1 for p in passes)
     assert {p[0] for p in passes} == set(widths)
+    upgraded = {e["node"] for e in whole.report["nodes"]
+                if str(e.get("bits_reason", "")).startswith("sensitive")}
+    assert upgraded
     a, b = _weights(whole), _weights(grouped)
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
-    strip = ("seconds", "calibration")
-    assert [{k: v for k, v in e.items() if k not in strip} for e in whole.report["nodes"]] == \
-        [{k: v for k, v in e.items() if k not in strip} for e in grouped.report["nodes"]]
+    def entries(report):  # an upgraded layer's output error is measured only with the Hessians at hand
+        strip = ("seconds", "calibration")
+        return [{k: v for k, v in e.items() if k not in strip and not (k == "output_rel_rmse" and e["node"] in
+                                                                       upgraded)} for e in report["nodes"]]
+
+    assert entries(whole.report) == entries(grouped.report)
     assert {e["algorithm"] for e in grouped.report["nodes"] if e["op"] == "MatMulNBits"} >= {"gptq"}
 
 

@@ -343,6 +343,8 @@ class GroupedHessians(Mapping[str, np.ndarray]):
         groups: the activations, cut by :func:`hessian_groups`.
     """
 
+    gathered_by_group = True  # a read of another group costs a calibration pass
+
     def __init__(self, model: ir.Model, groups: Sequence[Sequence[str]], batches: Sequence[Mapping[str, np.ndarray]],
                  *, engine: Any = None):
         self.model = model

@@ -229,11 +229,13 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
             extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
             candidates.append(Upgrade(key, error, error / 16, extra))
     order = {key: i for i, key in enumerate(plans)}
-    # In layer order: Hessians gathered group by group are read again once per group at most.
+    # An 8-bit layer is rounded to nearest: its Hessian would only give the report its output error, and
+    # Hessians gathered group by group would cost a calibration pass per group again.
+    grouped = getattr(hessians, "gathered_by_group", False)
     for key in sorted(choose_upgrades(candidates, budget), key=order.__getitem__):
         old = plans[key]
-        plans[key] = new = _plan(old.site, config, algorithm, 8, hessians, mean_squares, keep_grid=True,
-                                 offsets=config.block_offsets, spill=spill, centers=centers)
+        plans[key] = new = _plan(old.site, config, algorithm, 8, {} if grouped else hessians, mean_squares,
+                                 keep_grid=True, offsets=config.block_offsets, spill=spill, centers=centers)
         new.entry["bits_reason"] = (
             f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
             f"at {config.bits} bits"
