@@ -77,6 +77,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "all-4bit-asym-bc": ("all-4bit-asym + bias correction",
                          {"sensitive_budget": 0.0, "auto_int8_sensitive": False, "symmetric": False,
                           "bias_correction": True}),
+    "asym-offsets30": ("gptq asymmetric + sensitive_budget 0.1, at most 30 layers with block offsets",
+                       {"symmetric": False, "max_offset_layers": 30}),
+    "sym-offsets30": ("default with at most 30 layers with block offsets",
+                      {"max_offset_layers": 30}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

@@ -284,6 +284,8 @@ class WeightOnlyConfig(_JsonConfig):
             carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.8 % / +3.8 %
             perplexity (in-domain / news) and 146.9 decode tokens/s with offsets, +3.7 % / +6.5 % and 169.8
             without (``benchmarks/int4_domains.py``, ``benchmarks/generation.py``).
+        max_offset_layers: at most this many layers carry a grid with block offsets (each costs two small
+            MatMuls and an Add per run; the budget's next choice for the others is 8 bits). None: no limit.
         bias_correction: re-quantized layers get the mean error of their outputs back as a constant bias
             (``MatMulNBits``' bias input: free at run time), from the calibration activations' channel means,
             and GPTQ minimises the error of the centred activations (their mean's share goes to the bias).
@@ -312,6 +314,7 @@ class WeightOnlyConfig(_JsonConfig):
     float16_scales: bool = True
     block_offsets: bool = True
     bias_correction: bool = False
+    max_offset_layers: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", _enum(WeightOnlyAlgorithm, self.algorithm, "weight-only algorithm"))
@@ -330,6 +333,9 @@ class WeightOnlyConfig(_JsonConfig):
         sb = self.sensitive_budget
         if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0.0 <= sb <= 4.0:
             raise ConfigError(f"sensitive_budget must be a fraction >= 0 (of the base layers' bytes), got {sb!r}")
+        mo = self.max_offset_layers
+        if mo is not None and (isinstance(mo, bool) or not isinstance(mo, int) or mo < 0):
+            raise ConfigError(f"max_offset_layers must be None or an integer >= 0, got {mo!r}")
 
 
 

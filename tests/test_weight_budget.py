@@ -89,6 +89,13 @@ def test_budget_carries_a_source_grid_exactly_instead_of_8_bits():
     assert report["source_grid"]["carried"] == []
     assert by_node["fc1"]["bits"] == 8 and by_node["fc1"]["grid"] == "requantized"
     assert "block_offsets" not in by_node["fc1"]
+    # With no offset layer allowed (max_offset_layers=0), the same: the budget's next choice is 8 bits.
+    capped = dataclasses.replace(config, max_offset_layers=0, sensitive_budget=0.6)
+    _, report = _quantize(proto, capped, batches)
+    by_node = {e["node"]: e for e in report["nodes"]}
+    assert report["source_grid"]["carried"] == [] and by_node["fc1"]["bits"] == 8
+    _, report = _quantize(proto, dataclasses.replace(capped, max_offset_layers=1), batches)
+    assert report["source_grid"]["carried"] == ["fc1"]
 
 
 def test_sensitive_budget_is_validated():

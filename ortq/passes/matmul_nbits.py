@@ -217,17 +217,27 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
     :mod:`ortq.passes.weight_budget`): to the source grid their weight lies on, else to 8 bits."""
     base = {key: p for key, p in plans.items() if p.bq.bits == config.bits and p.grid is None}
     budget = config.sensitive_budget * sum(stored_bytes(p.bq, float16=p.float16) for p in base.values())
-    candidates = []
+    carried: dict[tuple, Upgrade] = {}
+    with_offsets: set[tuple] = set()
+    eight: dict[tuple, Upgrade] = {}
     for key, p in base.items():
         k, n = p.site.shape
         error = p.entry.get("output_rel_rmse", p.entry["weight_rel_rmse"])
         now = stored_bytes(p.bq, float16=p.float16)
         grid = _carried(_source_grid(p.site, 8, config.block_size), p.site, config.block_offsets)
         if grid is not None:
-            candidates.append(Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now))
-        else:
-            extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
-            candidates.append(Upgrade(key, error, error / 16, extra))
+            carried[key] = Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now)
+            if grid.offsets is not None:
+                with_offsets.add(key)
+        extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
+        eight[key] = Upgrade(key, error, error / 16, extra)
+    # Each carried grid with block offsets costs two MatMuls and an Add per decode step: at most
+    # max_offset_layers of them, the most error removed per byte first; the others are 8-bit candidates.
+    allowed = set(with_offsets)
+    if config.max_offset_layers is not None:
+        ranked = sorted((carried[k] for k in with_offsets), key=lambda c: c.gain / max(c.extra_bytes, 1), reverse=True)
+        allowed = {c.key for c in ranked[:config.max_offset_layers]}
+    candidates = [carried[k] if k in carried and (k not in with_offsets or k in allowed) else eight[k] for k in base]
     order = {key: i for i, key in enumerate(plans)}
     # An 8-bit layer is rounded to nearest: its Hessian would only give the report its output error, and
     # Hessians gathered group by group would cost a calibration pass per group again.
@@ -235,7 +245,8 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
     for key in sorted(choose_upgrades(candidates, budget), key=order.__getitem__):
         old = plans[key]
         plans[key] = new = _plan(old.site, config, algorithm, 8, {} if grouped else hessians, mean_squares,
-                                 keep_grid=True, offsets=config.block_offsets, spill=spill, centers=centers)
+                                 keep_grid=True, offsets=config.block_offsets and (key not in with_offsets or key in allowed),
+                                 spill=spill, centers=centers)
         new.entry["bits_reason"] = (
             f"sensitive: output error {old.entry.get('output_rel_rmse', old.entry['weight_rel_rmse']):.4f} "
             f"at {config.bits} bits"
