@@ -97,7 +97,7 @@ def weight_only_statistics(model: ir.Model, config: WeightOnlyConfig, batches, *
         hessians = GroupedHessians(model.clone(), groups, batches, engine=engine)
         calibration["hessian_groups"] = len(groups)
         logger.info("GPTQ Hessians over %.1f GB: gathered in %d groups of at most %.1f GB",
-                    sum(c * c * 8 for c in widths.values()) / 1e9, len(groups), budget / 1e9)
+                    sum(c * c * 8 for c in widths.values()) / 1e9, len(groups), min(budget, HESSIAN_GROUP_BYTES) / 1e9)
     calibration["seconds"] = round(time.perf_counter() - start, 2)  # the groups' passes come later, in the pass
     return {
         "mean_squares": {n: stats.mean_square(n) for n in stats.sum_squares},
