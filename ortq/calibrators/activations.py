@@ -215,7 +215,7 @@ def channel_absmax(
 def add_gram(gram: np.ndarray, x: np.ndarray) -> None:
     """``gram += x.T @ x`` in place, one block of columns at a time (temporaries of about
     :data:`FOLD_CHUNK_BYTES`, not a second ``K x K`` array)."""
-    rows, width = x.shape
+    width = x.shape[1]
     step = max(1, FOLD_CHUNK_BYTES // (8 * max(width, 1)))
     for j in range(0, width, step):
         gram[:, j:j + step] += x.T @ x[:, j:j + step]
