@@ -64,6 +64,7 @@ from ortq.passes.weight_budget import (
     choose_upgrades,
     int8_bytes,
     relative_errors,
+    row_errors,
     stored_bytes,
     to_float16,
 )
@@ -148,7 +149,7 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
     bs, sym = _layer_format(config, bits, k)
     w_t = site.w_t()
     act = site.node.inputs[0].name if site.node.inputs[0] is not None else None
-    xtx = hessians.get(act)
+    xtx = signal = hessians.get(act)
     tied = bool(site.tied_gather)
     importance = mean_squares.get(act) if not tied else None
     center = (centers or {}).get(act) if config.bias_correction and not tied and _one_use(site) else None
@@ -176,7 +177,7 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
         "shape": [k, n],
         "algorithm": algo,
         "grid": "carried" if grid is not None else "requantized",
-        **(relative_errors(w_t, bq, xtx, signal_xtx=hessians.get(act)) if grid is None else {"weight_rel_rmse": 0.0}),
+        **(relative_errors(w_t, bq, xtx, signal_xtx=signal) if grid is None else {"weight_rel_rmse": 0.0}),
     }
     if grid is not None and grid.offsets is not None:
         entry["block_offsets"] = "float16" if half is not None else "float32"
@@ -197,16 +198,11 @@ def _one_use(site: MatMulSite) -> bool:
     return len(list(site.weight.uses())) == 1
 
 
-def _mean_error(w_t: np.ndarray, bq: BlockQuantized, mean: np.ndarray, chunk_values: int = 1 << 22) -> np.ndarray:
+def _mean_error(w_t: np.ndarray, bq: BlockQuantized, mean: np.ndarray) -> np.ndarray:
     """``(W - dequantized) @ mean`` for ``w_t [N, K]``, by row chunks: the output error at the mean input."""
-    rows, k = w_t.shape
-    out = np.empty(rows, np.float64)
-    zp = bq.zero_points
-    step = max(1, chunk_values // max(k, 1))
-    for r in range(0, rows, step):
-        part = dataclasses.replace(bq, q=bq.q[r:r + step], scales=bq.scales[r:r + step],
-                                   zero_points=None if zp is None else zp[r:r + step])
-        out[r:r + step] = (w_t[r:r + step] - part.dequantize()).astype(np.float64) @ mean
+    out = np.empty(w_t.shape[0], np.float64)
+    for rows, d in row_errors(w_t, bq):
+        out[rows] = d @ mean
     return out.astype(np.float32)
 
 

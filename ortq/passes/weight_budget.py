@@ -12,7 +12,7 @@ when it does (a GGUF Q4_0 / Q4_1 / Q8_0 source: no error left, and fewer bytes t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +91,18 @@ def int8_bytes(rows: int, k: int, block_size: int, *, scale_bytes: int = 4) -> i
     return rows * nb * block_size + rows * nb * scale_bytes
 
 
+def row_errors(w_t: np.ndarray, bq: BlockQuantized, chunk_values: int = 1 << 22) -> Iterator[tuple[slice, np.ndarray]]:
+    """``(rows, W[rows] - dequantized[rows])`` (float64) over row chunks of about ``chunk_values`` values of
+    ``w_t [N, K]``: never a float64 copy of a whole embedding table or lm_head."""
+    zp = bq.zero_points
+    step = max(1, chunk_values // max(w_t.shape[1], 1))
+    for r in range(0, w_t.shape[0], step):
+        rows = slice(r, r + step)
+        part = dataclasses.replace(bq, q=bq.q[rows], scales=bq.scales[rows],
+                                   zero_points=None if zp is None else zp[rows])
+        yield rows, (w_t[rows] - part.dequantize()).astype(np.float64)
+
+
 def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None,
                     chunk_values: int = 1 << 22, *, signal_xtx: np.ndarray | None = None) -> dict[str, float]:
     """Relative RMS error of the dequantized weight, and of the layer's output on the activations whose
@@ -99,13 +111,8 @@ def relative_errors(w_t: np.ndarray, bq: BlockQuantized, xtx: np.ndarray | None,
     values: float64 copies of a whole embedding table or lm_head would cost several times its float32 size."""
     signal = xtx if signal_xtx is None else signal_xtx
     num_w = den_w = num_x = den_x = 0.0
-    rows, zp = w_t.shape[0], bq.zero_points
-    step = max(1, chunk_values // max(w_t.shape[1], 1))
-    for r in range(0, rows, step):
-        part = dataclasses.replace(bq, q=bq.q[r:r + step], scales=bq.scales[r:r + step],
-                                   zero_points=None if zp is None else zp[r:r + step])
-        wd = w_t[r:r + step].astype(np.float64)
-        d = (w_t[r:r + step] - part.dequantize()).astype(np.float64)
+    for rows, d in row_errors(w_t, bq, chunk_values):
+        wd = w_t[rows].astype(np.float64)
         num_w += float((d * d).sum())
         den_w += float((wd * wd).sum())
         if isinstance(xtx, np.ndarray):
