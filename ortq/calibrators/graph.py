@@ -117,16 +117,15 @@ def light_proto(model: ir.Model, max_init_bytes: int = 4096) -> onnx.ModelProto:
     return ir.to_proto(light)
 
 
-
 def pruned_to(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A clone of ``model`` (sharing its weights) whose outputs are the values ``names`` and that holds only the
     nodes they depend on, and their initializers: on a decoder, the layers after the last of them and the
     logits are left out. Every graph input stays. ``model`` itself when a name is not a node's output in the
     main graph."""
+    if not names or not set(names) <= {v.name for node in model.graph for v in node.outputs}:
+        return model
     clone = model.clone()
     produced = {v.name: v for node in clone.graph for v in node.outputs}
-    if not names or any(n not in produced for n in names):
-        return model
     needed: set[int] = set()
     stack = [produced[n].producer() for n in names]
     while stack:
