@@ -48,6 +48,8 @@ _CARRY = {"keep_source_grid": True, "symmetric": False, "sensitive_budget": 0.0}
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("default: gptq symmetric + sensitive_budget 0.1 (the most sensitive layers carry their grid), "
                 "float16 scales", {}),
+    "default-exact": ("default with exact float block offsets (`--no-fold-block-offsets`): two MatMuls and an Add "
+                      "per offset layer", {"fold_block_offsets": False}),
     "keep-grid": ("GGUF grid carried everywhere (`--keep-source-grid`), float16 scales and offsets", dict(_CARRY)),
     "old-default": ("GGUF grid carried everywhere, float32 scales and offsets (old default)",
                     {**_CARRY, "float16_scales": False}),

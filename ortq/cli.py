@@ -100,7 +100,7 @@ def _weight_only_config(args: argparse.Namespace):
     optional = {"symmetric": args.symmetric, "keep_source_grid": args.keep_source_grid,
                 "sensitive_budget": args.sensitive_budget, "algorithm": args.algorithm,
                 "block_offsets": args.block_offsets, "bias_correction": args.bias_correction,
-                "max_offset_layers": args.max_offset_layers}
+                "max_offset_layers": args.max_offset_layers, "fold_block_offsets": args.fold_block_offsets}
     return WeightOnlyConfig(
         bits=bits,
         block_size=args.block_size,
@@ -384,10 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "largest measured error (their source grid, else 8 bits; 0: none)")
     p.add_argument("--block-offsets", action=argparse.BooleanOptionalAction, default=None,
                    help="weight-only: a layer the budget upgrades may carry a grid that needs per-block offsets "
-                   "(exact, but two more MatMuls and an Add per layer at run time; --no-block-offsets: 8 bits instead)")
+                   "(extra run time per layer; --no-block-offsets: 8 bits instead)")
+    p.add_argument("--fold-block-offsets", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-only: store block offsets as extra 4-bit rows of the layer's MatMulNBits (the default: "
+                   "faster, each offset within ~1/30 of a step); --no-fold-block-offsets: exact, in float")
     p.add_argument("--max-offset-layers", type=int, default=None, metavar="N",
                    help="weight-only: at most N layers carry a grid with block offsets, the ones that gain most "
-                   "per byte (each costs two MatMuls and an Add per run; the others go to 8 bits)")
+                   "per byte (each costs run time; the others go to 8 bits)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="weight-only: give re-quantized layers their mean output error on the calibration data back "
                    "as a bias (free at run time; default: WeightOnlyConfig's)")

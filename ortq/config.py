@@ -284,6 +284,11 @@ class WeightOnlyConfig(_JsonConfig):
             carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.8 % / +3.8 %
             perplexity (in-domain / news) and 146.9 decode tokens/s with offsets, +3.7 % / +6.5 % and 169.8
             without (``benchmarks/int4_domains.py``, ``benchmarks/generation.py``).
+        fold_block_offsets: block offsets are stored as extra rows of the layer's ``MatMulNBits`` (codes of its
+            bits, fed the activation's block sums: one small MatMul and a Concat per activation, each offset
+            within about 1/30 of a step) instead of exactly in float (two MatMuls and an Add per layer). On
+            SmolLM2-135M's decode step the exact form costs about 17 %, the folded one about 8 %
+            (``benchmarks/decode_profile.py``; :mod:`ortq.passes.block_offsets`).
         max_offset_layers: at most this many layers carry a grid with block offsets (each costs two small
             MatMuls and an Add per run; the budget's next choice for the others is 8 bits). None: no limit.
         bias_correction: re-quantized layers get the mean error of their outputs back as a constant bias
@@ -313,6 +318,7 @@ class WeightOnlyConfig(_JsonConfig):
     sensitive_budget: float = 0.1
     float16_scales: bool = True
     block_offsets: bool = True
+    fold_block_offsets: bool = True
     bias_correction: bool = False
     max_offset_layers: int | None = None
 

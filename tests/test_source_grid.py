@@ -8,6 +8,7 @@ from onnx import numpy_helper
 
 from ortq.config import WeightOnlyConfig
 from ortq.passes._int4 import find_source_grid
+from ortq.passes.block_offsets import fold_offsets, folded_weight
 from tests.test_matmul_nbits import _mlp_model, _quantize, _run
 
 
@@ -64,10 +65,11 @@ def test_pass_carries_q4_1_and_q4_0_grids_and_matches_the_float_model(bias):
     for t in proto.graph.initializer:
         if t.name in ("W1", "W2"):
             t.CopyFrom(numpy_helper.from_array({"W1": w1, "W2": w2}[t.name], t.name))
-    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, keep_source_grid=True))
+    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=None, keep_source_grid=True,
+                                                       fold_block_offsets=False))
     assert report["source_grid"] == {"carried": ["fc1", "fc2"], "requantized": []}
     by_node = {e["node"]: e for e in report["nodes"]}
-    assert by_node["fc1"].get("block_offsets") and not by_node["fc2"].get("block_offsets")
+    assert by_node["fc1"]["block_offsets"] == "float16" and not by_node["fc2"].get("block_offsets")
     assert {e["weight_rel_rmse"] for e in report["nodes"]} == {0.0}
     ops = [n.op_type for n in qproto.graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 2  # block sums, offsets
@@ -78,3 +80,61 @@ def test_pass_carries_q4_1_and_q4_0_grids_and_matches_the_float_model(bias):
                                                 symmetric=False))
     assert again["source_grid"]["carried"] == []
     assert all(e["weight_rel_rmse"] > 0 for e in again["nodes"])
+
+
+def q4_1_straddling(rng, rows, k, bs=32):
+    """Q4_1 blocks as a real weight has them: the block's range contains 0 (``-m / d`` within 0..15)."""
+    nb = k // bs
+    d = (rng.random((rows, nb, 1)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
+    m = (-d * rng.random((rows, nb, 1)) * 15).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (rows, nb, bs)).astype(np.float32)
+    q[:, :, 0], q[:, :, 1] = 0, 15
+    return (d * q + m).reshape(rows, k)
+
+
+def test_fold_offsets_keeps_the_grid_and_rounds_the_offsets_within_half_a_step():
+    rng = np.random.default_rng(5)
+    w = q4_1_straddling(rng, 40, 96)
+    grid = find_source_grid(w, 4, 32)
+    folded = fold_offsets(grid.blocks, grid.offsets)
+    assert folded.k == 96 + 3 and folded.n_blocks == 4
+    codes = folded.q.reshape(40, 4, 32)
+    assert np.array_equal(codes[:, :3], grid.blocks.q.reshape(40, 3, 32))  # the carried codes as they were
+    # A new zero point per block leaves at most half a step of offset, rounded to 4 bits in the extra rows:
+    # every weight within half an extra step of its value, a small fraction of the block's own step.
+    extra_step = np.repeat(folded.scales[:, 3:], 96, axis=1)
+    err = np.abs(folded_weight(folded, 96) - w)
+    assert np.all(err <= extra_step / 2 + 1e-6)
+    assert err.max() <= grid.blocks.scales.max() / 25
+
+
+@pytest.mark.parametrize("accuracy_level", [None, 4])
+def test_folded_offsets_run_in_one_matmulnbits_per_layer(accuracy_level):
+    rng = np.random.default_rng(6)
+    proto, _ = _mlp_model(rng, k=64, hidden=96, bias=True)
+    w1, w2 = q4_1_straddling(rng, 96, 64).T.copy(), q4_1_straddling(rng, 48, 96).T.copy()
+    for t in proto.graph.initializer:
+        if t.name in ("W1", "W2"):
+            t.CopyFrom(numpy_helper.from_array({"W1": w1, "W2": w2}[t.name], t.name))
+    qproto, report = _quantize(proto, WeightOnlyConfig(accuracy_level=accuracy_level, keep_source_grid=True))
+    assert report["source_grid"]["carried"] == ["fc1", "fc2"]
+    for e in report["nodes"]:
+        assert e["block_offsets"] == "folded: 4-bit rows" and 0 < e["weight_rel_rmse"] < 0.01
+    ops = [n.op_type for n in qproto.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Concat") == 2 and ops.count("MatMul") == 2
+    assert "Add" not in ops  # the bias went into MatMulNBits; no offsets Add
+    ks = sorted(next(a.i for a in n.attribute if a.name == "K") for n in qproto.graph.node
+                if n.op_type == "MatMulNBits")
+    assert ks == [64 + 2, 96 + 3]  # a partial last block of block sums
+    a = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    got, want = _run(qproto, {"A": a}), _run(proto, {"A": a})
+    rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert rel < (0.01 if accuracy_level is None else 0.03), rel
+    if accuracy_level is None:  # float activations: the kernel computes exactly with the folded weights
+        for t in proto.graph.initializer:
+            if t.name in ("W1", "W2"):
+                w = {"W1": w1, "W2": w2}[t.name]
+                grid = find_source_grid(w.T.copy(), 4, 32)
+                folded = fold_offsets(grid.blocks, grid.offsets, float16=True)
+                t.CopyFrom(numpy_helper.from_array(folded_weight(folded, w.shape[0]).T.copy(), t.name))
+        np.testing.assert_allclose(got, _run(proto, {"A": a}), rtol=1e-4, atol=1e-4)

@@ -77,7 +77,7 @@ def test_budget_carries_a_source_grid_exactly_instead_of_8_bits():
     proto = _mlp_with_q4_1_fc1(rng)
     batches = _outlier_batches(rng)
     config = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, symmetric=True,
-                              keep_source_grid=False, sensitive_budget=0.3)
+                              keep_source_grid=False, sensitive_budget=0.3, fold_block_offsets=False)
     _, report = _quantize(proto, config, batches)
     by_node = {e["node"]: e for e in report["nodes"]}
     assert report["source_grid"]["carried"] == ["fc1"]
@@ -135,7 +135,8 @@ def test_scales_outside_float16_stay_float32():
 def test_carried_q4_1_with_float16_offsets_matches_the_float_model():
     rng = np.random.default_rng(6)
     proto = _mlp_with_q4_1_fc1(rng)
-    carry = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, keep_source_grid=True)
+    carry = WeightOnlyConfig(accuracy_level=None, auto_int8_sensitive=False, keep_source_grid=True,
+                             fold_block_offsets=False)
     qproto, report = _quantize(proto, carry)
     fc1 = next(e for e in report["nodes"] if e["node"] == "fc1")
     assert fc1["grid"] == "carried" and fc1["block_offsets"] == "float16" and fc1["scales"] == "float16"

@@ -18,8 +18,8 @@ Weights that already lie exactly on a block grid (``keep_source_grid``: a GGUF Q
 loaded by dequantizing it, or a model quantized before) keep that grid instead of being rounded a second
 time: a 4-bit grid is kept even where the layer asked for 8 bits. ``MatMulNBits`` has integer zero points
 (float ones run a slow dequantizing path on CPU), so a Q4_1 block minimum that is not a whole number of steps
-is carried as a per-block offset ``C [n_blocks, N]``: ``Y = MatMulNBits(A) + (A @ E) @ C`` with ``E [K,
-n_blocks]`` the 0/1 block-membership matrix (``A @ E`` is computed once per activation). The report says
+is carried as a per-block offset: by default folded into extra rows of the same ``MatMulNBits`` fed the
+activation's block sums, else exactly in float after it (:mod:`ortq.passes.block_offsets`). The report says
 per node ``"grid": "carried"`` or ``"requantized"``. With ``sensitive_budget`` every layer is planned in the
 base format first, then the most sensitive are upgraded (:mod:`ortq.passes.weight_budget`); with
 ``float16_scales`` scales and offsets are float16 initializers behind a Cast ONNX Runtime folds at load.
@@ -52,12 +52,12 @@ from ortq.passes._int4 import (
     unpack,
 )
 from ortq.passes.base import ReportingPass
+from ortq.passes.block_offsets import add_exact_offsets, fold_offsets, offset_error, with_block_sums
 from ortq.passes.gather_quant import MS_DOMAIN, replace_gather, share_gather, swap_output
 from ortq.passes.initializers import (
     add_initializer,
     block_initializers,
     drop_unused_initializers,
-    float16_constant,
 )
 from ortq.passes.weight_budget import (
     Upgrade,
@@ -181,6 +181,11 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
     }
     if grid is not None and grid.offsets is not None:
         entry["block_offsets"] = "float16" if half is not None else "float32"
+        if config.fold_block_offsets:  # rows of the same MatMulNBits (see ortq.passes.block_offsets)
+            bq = fold_offsets(bq, grid.offsets, float16=half is not None)
+            entry["block_offsets"] = f"folded: {bq.bits}-bit rows"
+            entry["weight_rel_rmse"] = round(offset_error(bq, w_t), 6)
+            grid = SourceGrid(bq, None)
     entry["scales"] = "float16" if half is not None else "float32"
     if site.why_bits:
         entry["bits_reason"] = site.why_bits
@@ -222,12 +227,13 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
         now = stored_bytes(p.bq, float16=p.float16)
         grid = _carried(_source_grid(p.site, 8, config.block_size), p.site, config.block_offsets)
         if grid is not None:
-            carried[key] = Upgrade(key, error, 0.0, stored_bytes(grid.blocks, grid, float16=p.float16) - now)
+            size = stored_bytes(grid.blocks, grid, float16=p.float16, folded=config.fold_block_offsets)
+            carried[key] = Upgrade(key, error, 0.0, size - now)
             if grid.offsets is not None:
                 with_offsets.add(key)
         extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
         eight[key] = Upgrade(key, error, error / 16, extra)
-    # Each carried grid with block offsets costs two MatMuls and an Add per decode step: at most
+    # Each carried grid with block offsets costs run time (see ortq.passes.block_offsets): at most
     # max_offset_layers of them, the most error removed per byte first; the others are 8-bit candidates.
     allowed = set(with_offsets)
     if config.max_offset_layers is not None:
@@ -352,7 +358,7 @@ def quantize_weight_only(
         _upgrade(plans, config, algorithm, hessians, mean_squares, spill, centers)
 
     # 3. The graph. A plan's codes are dropped once its last site is replaced: they are in the initializers.
-    block_sums: dict[tuple[str, int], ir.Value] = {}
+    block_sums: dict[tuple, ir.Value] = {}
     nodes_report: list[dict[str, Any]] = []
     bytes_before = bytes_after = 0
     made: dict[tuple, tuple] = {}  # plan key -> its initializers
@@ -464,31 +470,6 @@ def quantize_weight_only(
     return model, report
 
 
-def _add_offsets(graph: ir.Graph, node: ir.Node, site: MatMulSite, grid: SourceGrid,
-                 block_sums: dict[tuple[str, int], ir.Value], float16: bool) -> ir.Node:
-    """``node``'s output plus ``(A @ E) @ C`` (see the module docstring); returns the final ``Add``."""
-    a = site.node.inputs[0]
-    k, n = site.shape
-    bs = grid.blocks.block_size
-    key = (a.name, bs)
-    nodes = []
-    if key not in block_sums:
-        e_name = f"ortq_block_sum_K{k}_B{bs}"
-        e_val = graph.initializers.get(e_name)
-        if e_val is None:
-            e = np.kron(np.eye(k // bs, dtype=np.float32), np.ones((bs, 1), np.float32))
-            e_val = add_initializer(graph, e_name, e)
-        sum_node = ir.node("MatMul", [a, e_val], name=f"{site.name}_block_sums")
-        nodes.append(sum_node)
-        block_sums[key] = sum_node.outputs[0]
-    name, c = f"{site.weight.name or site.name}_block_offsets", np.ascontiguousarray(grid.offsets.T, np.float32)
-    c_val = float16_constant(graph, name, c) if float16 else add_initializer(graph, name, c)
-    corr = ir.node("MatMul", [block_sums[key], c_val], name=f"{site.name}_offsets")
-    add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{site.name}_plus_offsets")
-    graph.insert_after(node, [*nodes, corr, add])
-    return add
-
-
 def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, config: WeightOnlyConfig,
                     values: tuple | None = None, grid: SourceGrid | None = None, block_sums: dict | None = None,
                     float16: bool = False, correction: np.ndarray | None = None):
@@ -503,7 +484,10 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
         b_val, s_val, z_val = block_initializers(
             graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits, float16_scales=float16
         )
-    inputs: list[ir.Value | None] = [node.inputs[0], b_val, s_val, z_val]
+    a = node.inputs[0]
+    if bq.k > k:  # block offsets folded in: the activation gets its block sums appended
+        a = with_block_sums(graph, node, a, k, bq.block_size, block_sums if block_sums is not None else {}, site.name)
+    inputs: list[ir.Value | None] = [a, b_val, s_val, z_val]
     old_bias = None
     if node.op_type == "Gemm" and site.bias is not None:
         inputs += [None, node.inputs[2]]
@@ -521,7 +505,7 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
             replaced_bias = bias
     while inputs and inputs[-1] is None:
         inputs.pop()
-    attrs: dict[str, Any] = {"K": k, "N": n, "bits": bq.bits, "block_size": bq.block_size}
+    attrs: dict[str, Any] = {"K": bq.k, "N": n, "bits": bq.bits, "block_size": bq.block_size}
     if config.accuracy_level is not None:
         attrs["accuracy_level"] = config.accuracy_level
     new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=site.name + "_Q" + str(bq.bits))
@@ -530,7 +514,8 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
     graph.insert_before(anchor, new)
     last = new
     if grid is not None and grid.offsets is not None:
-        last = _add_offsets(graph, new, site, grid, block_sums if block_sums is not None else {}, float16)
+        last = add_exact_offsets(graph, new, site.name, base, grid.offsets, k, grid.blocks.block_size,
+                                 block_sums if block_sums is not None else {}, float16)
     swap_output(graph, anchor, last)
     if site.bias_add is not None:
         graph.remove(node, safe=True)

@@ -54,12 +54,19 @@ def choose_upgrades(candidates: Sequence[Upgrade], budget_bytes: float) -> list[
     return chosen
 
 
-def stored_bytes(bq: BlockQuantized, grid: SourceGrid | None = None, *, float16: bool = False) -> int:
+def stored_bytes(bq: BlockQuantized, grid: SourceGrid | None = None, *, float16: bool = False,
+                 folded: bool = False) -> int:
     """Bytes of a layer in the file: codes, scales (float32, or float16), zero points, and a carried grid's
-    block offsets (as the scales)."""
+    block offsets (as the scales; with ``folded``, as codes in extra blocks: ``block_offsets.fold_offsets``)."""
+    scale_bytes = 2 if float16 else 4
     size = bq.nbytes() - (bq.scales.nbytes // 2 if float16 else 0)
     if grid is not None and grid.offsets is not None:
-        size += grid.offsets.size * (2 if float16 else 4)
+        rows, nb = grid.offsets.shape
+        if folded:
+            extra = -(-nb // bq.block_size)
+            size += rows * extra * (bq.block_size * bq.bits // 8 + scale_bytes) + rows * -(-extra * bq.bits // 8)
+        else:
+            size += grid.offsets.size * scale_bytes
     return size
 
 
