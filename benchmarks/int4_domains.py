@@ -50,6 +50,12 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                 "float16 scales", {}),
     "default-exact": ("default with exact float block offsets (`--no-fold-block-offsets`): two MatMuls and an Add "
                       "per offset layer", {"fold_block_offsets": False}),
+    "default-lm4": ("default with a 4-bit lm_head unless the budget upgrades it (`--no-auto-int8`)",
+                    {"auto_int8_sensitive": False}),
+    "lm4-offsets60": ("4-bit lm_head, at most 60 layers with block offsets",
+                      {"auto_int8_sensitive": False, "max_offset_layers": 60}),
+    "lm4-offsets30": ("4-bit lm_head, at most 30 layers with block offsets",
+                      {"auto_int8_sensitive": False, "max_offset_layers": 30}),
     "keep-grid": ("GGUF grid carried everywhere (`--keep-source-grid`), float16 scales and offsets", dict(_CARRY)),
     "old-default": ("GGUF grid carried everywhere, float32 scales and offsets (old default)",
                     {**_CARRY, "float16_scales": False}),

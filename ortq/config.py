@@ -277,20 +277,21 @@ class WeightOnlyConfig(_JsonConfig):
             layers whose measured error (relative output error on the calibration data) is largest per extra
             byte: each gets the grid its weight lies on (a GGUF source), else 8 bits (k-quant style mixed
             precision, chosen by measurement; :mod:`ortq.passes.weight_budget`). 0: none. On SmolLM2's GGUF,
-            symmetric gptq: +3.9 % / +6.7 % at 91.4 MB without, +2.8 % / +3.8 % at 97.8 MB with 0.1.
+            symmetric gptq: +3.9 % / +6.7 % at 91.4 MB without; with 0.1, +0.6 % / +0.4 % at 96.7 MB (every layer
+            carries its Q4_1 grid, block offsets folded).
         block_offsets: a layer the sensitivity budget upgrades may carry a source grid that needs per-block
-            offsets (a GGUF Q4_1 block minimum that is not a whole number of steps): exact, but two more MatMuls
-            and an Add per layer at run time. Off: such a layer goes to 8 bits instead (``keep_source_grid``
-            carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +2.8 % / +3.8 %
-            perplexity (in-domain / news) and 146.9 decode tokens/s with offsets, +3.7 % / +6.5 % and 169.8
-            without (``benchmarks/int4_domains.py``, ``benchmarks/generation.py``).
+            offsets (a GGUF Q4_1 block minimum that is not a whole number of steps), at some run time (see
+            ``fold_block_offsets``). Off: such a layer goes to 8 bits instead (``keep_source_grid``
+            carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +0.6 % / +0.4 %
+            perplexity (in-domain / news) with offsets, +3.7 % / +6.5 % without (``benchmarks/int4_domains.py``).
         fold_block_offsets: block offsets are stored as extra rows of the layer's ``MatMulNBits`` (codes of its
             bits, fed the activation's block sums: one small MatMul and a Concat per activation, each offset
-            within about 1/30 of a step) instead of exactly in float (two MatMuls and an Add per layer). On
-            SmolLM2-135M's decode step the exact form costs about 17 %, the folded one about 8 %
-            (``benchmarks/decode_profile.py``; :mod:`ortq.passes.block_offsets`).
-        max_offset_layers: at most this many layers carry a grid with block offsets (each costs two small
-            MatMuls and an Add per run; the budget's next choice for the others is 8 bits). None: no limit.
+            within about 1/30 of a step) instead of exactly in float (two MatMuls and an Add per layer). Folded
+            offsets cost fewer bytes too, so the budget carries more grids: on SmolLM2-135M, all 120 layers at
+            +0.6 % / +0.4 % where exact offsets carry 97 at +2.8 % / +3.8 %, and a decode step 0.90-0.95x the
+            builder's instead of 0.81-0.86x (:mod:`ortq.passes.block_offsets`).
+        max_offset_layers: at most this many layers carry a grid with block offsets (the budget's next choice
+            for the others is 8 bits). None: no limit.
         bias_correction: re-quantized layers get the mean error of their outputs back as a constant bias
             (``MatMulNBits``' bias input: free at run time), from the calibration activations' channel means,
             and GPTQ minimises the error of the centred activations (their mean's share goes to the bias).
