@@ -57,6 +57,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "lm4-offsets30": ("4-bit lm_head, at most 30 layers with block offsets",
                       {"auto_int8_sensitive": False, "max_offset_layers": 30}),
     "keep-grid": ("GGUF grid carried everywhere (`--keep-source-grid`), float16 scales and offsets", dict(_CARRY)),
+    "keep-grid-exact": ("GGUF grid carried everywhere, exact float16 block offsets (`--keep-source-grid "
+                        "--no-fold-block-offsets`)", {**_CARRY, "fold_block_offsets": False}),
     "old-default": ("GGUF grid carried everywhere, float32 scales and offsets (old default)",
                     {**_CARRY, "float16_scales": False}),
     "gptq-asym-fp32": ("re-quantized: gptq asymmetric, float32 scales (old default without the grid)",

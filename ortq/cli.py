@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(extra run time per layer; --no-block-offsets: 8 bits instead)")
     p.add_argument("--fold-block-offsets", action=argparse.BooleanOptionalAction, default=None,
                    help="weight-only: store block offsets as extra 4-bit rows of the layer's MatMulNBits (the default: "
-                   "faster, each offset within ~1/30 of a step); --no-fold-block-offsets: exact, in float")
+                   "faster; a weight moves by a fraction of a step); --no-fold-block-offsets: exact, in float")
     p.add_argument("--max-offset-layers", type=int, default=None, metavar="N",
                    help="weight-only: at most N layers carry a grid with block offsets, the ones that gain most "
                    "per byte (each costs run time; the others go to 8 bits)")

@@ -285,8 +285,8 @@ class WeightOnlyConfig(_JsonConfig):
             carries offsets whatever this says). On SmolLM2-135M's Q4_1 GGUF, budget 0.1: +0.6 % / +0.4 %
             perplexity (in-domain / news) with offsets, +3.7 % / +6.5 % without (``benchmarks/int4_domains.py``).
         fold_block_offsets: block offsets are stored as extra rows of the layer's ``MatMulNBits`` (codes of its
-            bits, fed the activation's block sums: one small MatMul and a Concat per activation, each offset
-            within about 1/30 of a step) instead of exactly in float (two MatMuls and an Add per layer). Folded
+            bits, fed the activation's block sums: one small MatMul and a Concat per activation; a weight
+            moves by a fraction of its block's step, relative RMS 0.005 on SmolLM2) instead of exactly in float (two MatMuls and an Add per layer). Folded
             offsets cost fewer bytes too, so the budget carries more grids: on SmolLM2-135M, all 120 layers at
             +0.6 % / +0.4 % where exact offsets carry 97 at +2.8 % / +3.8 %, and a decode step 0.90-0.95x the
             builder's instead of 0.81-0.86x (:mod:`ortq.passes.block_offsets`).

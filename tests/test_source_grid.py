@@ -138,3 +138,16 @@ def test_folded_offsets_run_in_one_matmulnbits_per_layer(accuracy_level):
                 folded = fold_offsets(grid.blocks, grid.offsets, float16=True)
                 t.CopyFrom(numpy_helper.from_array(folded_weight(folded, w.shape[0]).T.copy(), t.name))
         np.testing.assert_allclose(got, _run(proto, {"A": a}), rtol=1e-4, atol=1e-4)
+
+
+def test_folded_offsets_bytes_are_what_the_budget_expects():
+    from ortq.passes._int4 import SourceGrid
+    from ortq.passes.weight_budget import stored_bytes
+
+    rng = np.random.default_rng(7)
+    grid = find_source_grid(q4_1_straddling(rng, 24, 128), 4, 32)
+    folded = fold_offsets(grid.blocks, grid.offsets, float16=True)
+    actual = stored_bytes(folded, SourceGrid(folded, None), float16=True)
+    assert stored_bytes(grid.blocks, grid, float16=True, folded=True) == actual
+    # Four offsets a column: one extra block of 4-bit codes, its float16 scale and a byte of zero points.
+    assert actual - stored_bytes(grid.blocks, float16=True) == 24 * (16 + 2 + 1)
