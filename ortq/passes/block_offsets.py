@@ -37,21 +37,31 @@ def fold_offsets(bq: BlockQuantized, offsets: np.ndarray, *, float16: bool = Fal
     offset by whole steps and leaves the codes as they are): at most half a step where the block's range
     holds 0, so the rounded offsets move a weight by a small fraction of a step."""
     bs, nb = bq.block_size, bq.scales.shape[1]
-    qmax, half = (1 << bq.bits) - 1, 1 << (bq.bits - 1)
-    zp = bq.zero_points if bq.zero_points is not None else np.full(bq.scales.shape, half, np.uint8)
-    s = bq.scales.astype(np.float64)
-    s_safe = np.where(s > 0, s, 1.0)
-    z = np.where(s > 0, np.clip(zp - np.rint(offsets / s_safe), 0, qmax), zp)
-    residual = (offsets + (z - zp) * s).astype(np.float32)
+    bq, residual = recentered(bq, offsets)
     extra = quantize_rtn(residual, bq.bits, bs, symmetric=False)
     if float16:
         extra = requantize_scales(extra, residual, extra.scales.astype(np.float16).astype(np.float32))
     return BlockQuantized(
         q=np.concatenate([bq.q[:, : nb * bs], extra.q], axis=1),
         scales=np.concatenate([bq.scales, extra.scales], axis=1),
-        zero_points=np.concatenate([z.astype(np.uint8), extra.zero_points], axis=1),
+        zero_points=np.concatenate([bq.zero_points, extra.zero_points], axis=1),
         bits=bq.bits, block_size=bs, k=bq.k + nb,
     )
+
+
+def recentered(bq: BlockQuantized, offsets: np.ndarray) -> tuple[BlockQuantized, np.ndarray]:
+    """``bq`` with each block's zero point chosen to leave the smallest offset, and those offsets: the same
+    weights (a zero point moves the offset by whole steps and leaves the codes as they are), at most half a
+    step of offset where the block's range holds 0. Centred codes also multiply the kernel's int8 rounding of
+    the activations by less than codes from 0 to 15 with the whole minimum as the offset: on SmolLM2-135M's
+    GGUF carried with exact offsets, +0.3 % / +0.7 % perplexity against +1.5 % / +1.8 %."""
+    qmax, half = (1 << bq.bits) - 1, 1 << (bq.bits - 1)
+    zp = bq.zero_points if bq.zero_points is not None else np.full(bq.scales.shape, half, np.uint8)
+    s = bq.scales.astype(np.float64)
+    s_safe = np.where(s > 0, s, 1.0)
+    z = np.where(s > 0, np.clip(zp - np.rint(offsets / s_safe), 0, qmax), zp)
+    residual = (offsets + (z - zp) * s).astype(np.float32)
+    return dataclasses.replace(bq, zero_points=z.astype(np.uint8)), residual
 
 
 def requantize_scales(bq: BlockQuantized, w: np.ndarray, scales: np.ndarray) -> BlockQuantized:

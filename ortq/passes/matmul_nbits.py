@@ -52,7 +52,13 @@ from ortq.passes._int4 import (
     unpack,
 )
 from ortq.passes.base import ReportingPass
-from ortq.passes.block_offsets import add_exact_offsets, fold_offsets, offset_error, with_block_sums
+from ortq.passes.block_offsets import (
+    add_exact_offsets,
+    fold_offsets,
+    offset_error,
+    recentered,
+    with_block_sums,
+)
 from ortq.passes.gather_quant import MS_DOMAIN, replace_gather, share_gather, swap_output
 from ortq.passes.initializers import (
     add_initializer,
@@ -186,6 +192,11 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
             entry["block_offsets"] = f"folded: {bq.bits}-bit rows"
             entry["weight_rel_rmse"] = round(offset_error(bq, w_t), 6)
             grid = SourceGrid(bq, None)
+        else:
+            bq, offsets = recentered(bq, grid.offsets)
+            if half is not None:
+                offsets = offsets.astype(np.float16).astype(np.float32)
+            grid = SourceGrid(bq, offsets)
     entry["scales"] = "float16" if half is not None else "float32"
     if site.why_bits:
         entry["bits_reason"] = site.why_bits
