@@ -54,7 +54,7 @@ def recentered(bq: BlockQuantized, offsets: np.ndarray) -> tuple[BlockQuantized,
     weights (a zero point moves the offset by whole steps and leaves the codes as they are), at most half a
     step of offset where the block's range holds 0. Centred codes also multiply the kernel's int8 rounding of
     the activations by less than codes from 0 to 15 with the whole minimum as the offset: on SmolLM2-135M's
-    GGUF carried with exact offsets, +0.3 % / +0.7 % perplexity against +1.5 % / +1.8 %."""
+    GGUF carried with exact offsets, +0.35 % / +0.20 % perplexity (in-domain / news) against +1.47 % / +1.75 %."""
     qmax, half = (1 << bq.bits) - 1, 1 << (bq.bits - 1)
     zp = bq.zero_points if bq.zero_points is not None else np.full(bq.scales.shape, half, np.uint8)
     s = bq.scales.astype(np.float64)
