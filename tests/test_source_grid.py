@@ -151,3 +151,17 @@ def test_folded_offsets_bytes_are_what_the_budget_expects():
     assert stored_bytes(grid.blocks, grid, float16=True, folded=True) == actual
     # Four offsets a column: one extra block of 4-bit codes, its float16 scale and a byte of zero points.
     assert actual - stored_bytes(grid.blocks, float16=True) == 24 * (16 + 2 + 1)
+
+
+def test_recentered_zero_points_keep_the_weights_and_leave_at_most_half_a_step():
+    from ortq.passes._int4 import SourceGrid
+    from ortq.passes.block_offsets import recentered
+
+    rng = np.random.default_rng(8)
+    w = q4_1_straddling(rng, 16, 64)
+    grid = find_source_grid(w, 4, 32)
+    bq, offsets = recentered(grid.blocks, grid.offsets)
+    assert np.array_equal(bq.q, grid.blocks.q)  # the codes stay; only the zero points move
+    np.testing.assert_allclose(SourceGrid(bq, offsets).dequantize(), w, rtol=0, atol=1e-6)
+    assert np.all(np.abs(offsets) <= bq.scales / 2 + 1e-7)
+    assert bq.zero_points.mean() > 4  # centred: a straddling block's zero point sits inside its codes
