@@ -286,10 +286,10 @@ class WeightOnlyConfig(_JsonConfig):
             perplexity (in-domain / news) with offsets, +3.7 % / +6.5 % without (``benchmarks/int4_domains.py``).
         fold_block_offsets: block offsets are stored as extra rows of the layer's ``MatMulNBits`` (codes of its
             bits, fed the activation's block sums: one small MatMul and a Concat per activation; a weight
-            moves by a fraction of its block's step, relative RMS 0.005 on SmolLM2) instead of exactly in float (two MatMuls and an Add per layer). Folded
-            offsets cost fewer bytes too, so the budget carries more grids: on SmolLM2-135M, all 120 layers at
-            +0.6 % / +0.4 % where exact offsets carry 97 at +2.8 % / +3.8 %, and a decode step 0.90-0.95x the
-            builder's instead of 0.81-0.86x (:mod:`ortq.passes.block_offsets`).
+            moves by a fraction of its block's step, relative RMS 0.005 on SmolLM2) instead of exactly in
+            float (two MatMuls and an Add per layer). Folded offsets cost fewer bytes, so the budget carries
+            more grids: on SmolLM2-135M all 120 layers at +0.6 % / +0.4 %, where exact offsets carry 97 at
+            +1.6 % / +2.6 %, at about the same decode speed (:mod:`ortq.passes.block_offsets`).
         max_offset_layers: at most this many layers carry a grid with block offsets (the budget's next choice
             for the others is 8 bits). None: no limit.
         bias_correction: re-quantized layers get the mean error of their outputs back as a constant bias
