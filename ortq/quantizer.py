@@ -31,11 +31,10 @@ from ortq.config import (
 )
 from ortq.data import Batches
 from ortq.errors import CalibrationDataError, ConfigError
-from ortq.io import MODEL_FILENAME, check_output_dir, resolve_model_path, weight_bytes
+from ortq.io import MODEL_FILENAME, check_output_dir, resolve_model_path
 from ortq.passes.plan import QuantPlan
 from ortq.passes.prepare import Preparation
 from ortq.quantize_steps import CONFIG_FILENAME, PLAN_FILENAME, Quantized, QuantizeSteps
-from ortq.runtime import LARGE_MODEL_BYTES, bound_heap_growth
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +73,6 @@ class ORTQuantizer:
         """The model and the steps that quantize it (loaded and prepared on first use)."""
         if self._steps is None:
             self._steps = QuantizeSteps(self.model_path)
-            if weight_bytes(self._steps.model) > LARGE_MODEL_BYTES:
-                bound_heap_growth()
         return self._steps
 
     @property
