@@ -165,3 +165,19 @@ def test_recentered_zero_points_keep_the_weights_and_leave_at_most_half_a_step()
     np.testing.assert_allclose(SourceGrid(bq, offsets).dequantize(), w, rtol=0, atol=1e-6)
     assert np.all(np.abs(offsets) <= bq.scales / 2 + 1e-7)
     assert bq.zero_points.mean() > 4  # centred: a straddling block's zero point sits inside its codes
+
+
+def test_folded_offsets_weigh_blocks_by_their_activations():
+    """With the activations' X^T X, the offsets of the blocks whose sums are large are rounded more finely."""
+    rng = np.random.default_rng(9)
+    w = q4_1_straddling(rng, 32, 256)  # 8 blocks a column: the extra rows share one scale
+    grid = find_source_grid(w, 4, 32)
+    scale = np.repeat(np.array([30.0, 1, 1, 1, 1, 1, 1, 1]), 32)  # block 0's activations 30x the others
+    x = rng.standard_normal((512, 256)) * scale
+    xtx = x.T @ x
+    err = {}
+    for name, h in (("plain", None), ("weighted", xtx)):
+        folded = fold_offsets(grid.blocks, grid.offsets, xtx=h)
+        d = folded_weight(folded, 256) - w
+        err[name] = float(np.einsum("rk,kl,rl->", d, xtx, d))  # output error on these activations
+    assert err["weighted"] < err["plain"]

@@ -28,17 +28,23 @@ from ortq.passes._int4 import BlockQuantized, quantize_rtn
 from ortq.passes.initializers import add_initializer, float16_constant
 
 
-def fold_offsets(bq: BlockQuantized, offsets: np.ndarray, *, float16: bool = False) -> BlockQuantized:
+def fold_offsets(bq: BlockQuantized, offsets: np.ndarray, *, float16: bool = False,
+                 xtx: np.ndarray | None = None) -> BlockQuantized:
     """``bq [N, K]`` (a carried grid's blocks, K a whole number of blocks) with its ``offsets [N, K / bs]``
     appended as rows ``K .. K + K / bs``, in ``bq``'s bits and block size (asymmetric; scales float16-exact
     with ``float16``): a ``[N, K + K / bs]`` weight whose extra rows multiply the activation's block sums.
 
     Each block's zero point is chosen again first, to leave the smallest offset (a zero point moves the
     offset by whole steps and leaves the codes as they are): at most half a step where the block's range
-    holds 0, so the rounded offsets move a weight by a small fraction of a step."""
+    holds 0, so the rounded offsets move a weight by a small fraction of a step. With the activations'
+    ``xtx [K, K]`` the rounding weighs each offset by its block sums' mean square."""
     bs, nb = bq.block_size, bq.scales.shape[1]
     bq, residual = recentered(bq, offsets)
-    extra = quantize_rtn(residual, bq.bits, bs, symmetric=False)
+    importance = None
+    if xtx is not None and xtx.shape == (nb * bs, nb * bs):
+        importance = np.array([xtx[i * bs:(i + 1) * bs, i * bs:(i + 1) * bs].sum(dtype=np.float64)
+                               for i in range(nb)])
+    extra = quantize_rtn(residual, bq.bits, bs, symmetric=False, importance=importance)
     if float16:
         extra = requantize_scales(extra, residual, extra.scales.astype(np.float16).astype(np.float32))
     return BlockQuantized(

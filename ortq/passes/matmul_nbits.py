@@ -188,7 +188,7 @@ def _plan(site: MatMulSite, config: WeightOnlyConfig, algorithm: WeightOnlyAlgor
     if grid is not None and grid.offsets is not None:
         entry["block_offsets"] = "float16" if half is not None else "float32"
         if config.fold_block_offsets:  # rows of the same MatMulNBits (see ortq.passes.block_offsets)
-            bq = fold_offsets(bq, grid.offsets, float16=half is not None)
+            bq = fold_offsets(bq, grid.offsets, float16=half is not None, xtx=signal)
             entry["block_offsets"] = f"folded: {bq.bits}-bit rows"
             entry["weight_rel_rmse"] = round(offset_error(bq, w_t), 6)
             grid = SourceGrid(bq, None)
