@@ -495,9 +495,10 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
         b_val, s_val, z_val = block_initializers(
             graph, base, bq.packed_codes(), bq.scales, bq.packed_zero_points(), bq.bits, float16_scales=float16
         )
+    block_sums = {} if block_sums is None else block_sums
     a = node.inputs[0]
     if bq.k > k:  # block offsets folded in: the activation gets its block sums appended
-        a = with_block_sums(graph, node, a, k, bq.block_size, block_sums if block_sums is not None else {}, site.name)
+        a = with_block_sums(graph, node, a, k, bq.block_size, block_sums, site.name)
     inputs: list[ir.Value | None] = [a, b_val, s_val, z_val]
     old_bias = None
     if node.op_type == "Gemm" and site.bias is not None:
@@ -526,7 +527,7 @@ def _replace_matmul(graph: ir.Graph, site: MatMulSite, bq: BlockQuantized, confi
     last = new
     if grid is not None and grid.offsets is not None:
         last = add_exact_offsets(graph, new, site.name, base, grid.offsets, k, grid.blocks.block_size,
-                                 block_sums if block_sums is not None else {}, float16)
+                                 block_sums, float16)
     swap_output(graph, anchor, last)
     if site.bias_add is not None:
         graph.remove(node, safe=True)
