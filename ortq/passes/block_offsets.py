@@ -109,15 +109,26 @@ def block_sum_matrix(graph: ir.Graph, k: int, block_size: int) -> ir.Value:
     return value
 
 
+def _block_sums(graph: ir.Graph, a: ir.Value, k: int, block_size: int, made: dict[tuple, ir.Value],
+                name: str) -> tuple[ir.Value, list[ir.Node]]:
+    """``a @ E``, and the node to insert when it is new (``made`` remembers it per activation)."""
+    key = ("sums", a.name, block_size)
+    if key in made:
+        return made[key], []
+    node = ir.node("MatMul", [a, block_sum_matrix(graph, k, block_size)], name=f"{name}_block_sums")
+    made[key] = node.outputs[0]
+    return made[key], [node]
+
+
 def with_block_sums(graph: ir.Graph, before: ir.Node, a: ir.Value, k: int, block_size: int,
                     made: dict[tuple, ir.Value], name: str) -> ir.Value:
     """``Concat(a, a @ E)``: the input of a ``MatMulNBits`` with folded offsets, made once per activation
     (``made`` remembers it) and inserted before ``before``."""
     key = ("concat", a.name, block_size)
     if key not in made:
-        sums = ir.node("MatMul", [a, block_sum_matrix(graph, k, block_size)], name=f"{name}_block_sums")
-        cat = ir.node("Concat", [a, sums.outputs[0]], {"axis": -1}, name=f"{name}_with_block_sums")
-        graph.insert_before(before, [sums, cat])
+        sums, new = _block_sums(graph, a, k, block_size, made, name)
+        cat = ir.node("Concat", [a, sums], {"axis": -1}, name=f"{name}_with_block_sums")
+        graph.insert_before(before, [*new, cat])
         made[key] = cat.outputs[0]
     return made[key]
 
@@ -126,17 +137,11 @@ def add_exact_offsets(graph: ir.Graph, node: ir.Node, name: str, weight_name: st
                       k: int, block_size: int, made: dict[tuple, ir.Value], float16: bool) -> ir.Node:
     """``node``'s output plus ``(A @ E) @ C`` in float (``A @ E`` once per activation, remembered in
     ``made``); returns the final ``Add``."""
-    a = node.inputs[0]
-    key = ("sums", a.name, block_size)
-    new = []
-    if key not in made:
-        sums = ir.node("MatMul", [a, block_sum_matrix(graph, k, block_size)], name=f"{name}_block_sums")
-        new.append(sums)
-        made[key] = sums.outputs[0]
+    sums, new = _block_sums(graph, node.inputs[0], k, block_size, made, name)
     c = np.ascontiguousarray(offsets.T, np.float32)
     c_name = f"{weight_name}_block_offsets"
     c_val = float16_constant(graph, c_name, c) if float16 else add_initializer(graph, c_name, c)
-    corr = ir.node("MatMul", [made[key], c_val], name=f"{name}_offsets")
+    corr = ir.node("MatMul", [sums, c_val], name=f"{name}_offsets")
     add = ir.node("Add", [node.outputs[0], corr.outputs[0]], name=f"{name}_plus_offsets")
     graph.insert_after(node, [*new, corr, add])
     return add
