@@ -91,6 +91,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                        {"symmetric": False, "max_offset_layers": 30}),
     "sym-offsets30": ("default with at most 30 layers with block offsets",
                       {"max_offset_layers": 30}),
+    "sym-offsets15": ("default with at most 15 layers with block offsets",
+                      {"max_offset_layers": 15}),
     "gptq-sym": ("re-quantized: gptq symmetric, float16 scales, no budget", {"sensitive_budget": 0.0}),
 }
 

@@ -99,7 +99,7 @@ def test_efficientnet_pooler_quantizes_to_nonzero_logits(tmp_path):
     calib = rng.normal(size=(16, 3, 14, 14)).astype(np.float32)
     fp32_path, path = export_and_int8(net, tmp_path, calib, "x")
     _, done = rewrite_convnet(onnx.load(str(fp32_path)))
-    assert done == {"folded_pads": 1, "global_pools": 1, "hard_activations": 0}
+    assert done == {"folded_batch_norms": 0, "folded_pads": 1, "global_pools": 1, "hard_activations": 0}
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     x = rng.normal(size=(8, 3, 14, 14)).astype(np.float32)
     ref = create_session(fp32_path).run(None, {"x": x})[0]
@@ -231,3 +231,102 @@ def test_mul_by_a_scalar_between_int8_convs(factor):
     else:
         assert plan.rescaled == {} and "Mul" in ops and "k" in plan.weights
     np.testing.assert_allclose(_run(out, x), _run(proto, x), atol=0.05 * np.abs(_run(proto, x)).max())
+
+
+def _paddle_block(bias: str = "reshape", readers: int = 1, training: bool = False) -> onnx.ModelProto:
+    """``Conv -> Add(bias) -> BatchNormalization -> Hardswish as x * Clip(x + 3, 0, 6) / 6 -> Conv -> Sigmoid``, as
+    paddle2onnx writes a MobileNetV3 block (the bias a Reshape of a constant; ``bias="none"``: no Add)."""
+    rng = np.random.default_rng(0)
+    c = 6
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv")]
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "bias_flat"),
+             numpy_helper.from_array(np.array([1, c, 1, 1], np.int64), "bias_shape"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.1, 3, c).astype(np.float32), "var"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+             numpy_helper.from_array(rng.normal(size=(4, c, 1, 1)).astype(np.float32), "w2")]
+    pre_bn = "conv"
+    if bias == "reshape":
+        nodes += [helper.make_node("Reshape", ["bias_flat", "bias_shape"], ["bias"]),
+                  helper.make_node("Add", ["conv", "bias"], ["biased"], name="bias_add")]
+        pre_bn = "biased"
+    nodes += [helper.make_node("BatchNormalization", [pre_bn, "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3,
+                               name="bn", **({"training_mode": 1} if training else {})),
+              helper.make_node("Add", ["bn", "three"], ["shifted"]),
+              helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]),
+              helper.make_node("Mul", ["bn", "clipped"], ["prod"]),
+              helper.make_node("Div", ["prod", "six"], ["hs"], name="div"),
+              helper.make_node("Conv", ["hs", "w2"], ["logits"], kernel_shape=[1, 1], name="conv2"),
+              helper.make_node("Sigmoid", ["logits"], ["y"])]  # (a graph output is left in float)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])]
+    if readers == 2:  # the Conv's output read again: not foldable
+        outputs.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, [None, c, 8, 8]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias", ["reshape", "none"])
+def test_batch_norm_and_bias_add_fold_into_the_convolution(bias):
+    model = _paddle_block(bias)
+    folded, n = rewrite_convnet(model)
+    assert n["folded_batch_norms"] == (2 if bias == "reshape" else 1)
+    assert n["hard_activations"] == 1  # the division after the Clip
+    onnx.checker.check_model(folded, full_check=True)
+    ops = [node.op_type for node in folded.graph.node]
+    assert ops == ["Conv", "Add", "Clip", "Mul", "Mul", "Conv", "Sigmoid"]
+    assert "bias_flat" not in {t.name for t in folded.graph.initializer}  # the bias's constant chain is gone
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    assert len(model.graph.node) == len(_paddle_block(bias).graph.node)  # the input model is left alone
+
+
+@pytest.mark.parametrize("kw", [{"readers": 2}, {"training": True}])
+def test_batch_norm_that_is_not_the_convolutions_only_reader_stays(kw):
+    model = _paddle_block("none", **kw)
+    folded, n = rewrite_convnet(model)
+    assert n["folded_batch_norms"] == 0
+    assert "BatchNormalization" in [node.op_type for node in folded.graph.node]
+
+
+def test_division_that_is_not_after_a_clip_stays():
+    """Only the Hardswish shape becomes a product: a Div elsewhere (attention's scaling) is left as written."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Div", ["c", "six"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w"),
+                                           numpy_helper.from_array(np.array(6.0, np.float32), "six")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert rewrite_convnet(model)[1]["hard_activations"] == 0
+
+
+def test_paddle_style_block_runs_in_int8_kernels(tmp_path):
+    """A paddle2onnx MobileNetV3 block (bias Add, BatchNormalization, Hardswish with its division): both
+    convolutions in QLinearConv, no float op or Q/DQ pair between them, outputs close to fp32."""
+    from ortq.quantizer import ORTQuantizer
+
+    rng = np.random.default_rng(0)
+    model = _paddle_block("reshape")
+    (tmp_path / "fp32").mkdir()
+    onnx.save(model, tmp_path / "fp32" / "model.onnx")
+    calib = rng.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=calib)
+    q = ORTQuantizer.from_pretrained(tmp_path / "fp32" / "model.onnx")
+    q.show_progress = False
+    path = q.quantize(QuantizationConfig(), tmp_path / "q", calibration_data=str(tmp_path / "calib.npz"))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    placement = inspect_placement(path, "cpu", {"x": x[:2]}, runs=1)
+    assert placement.convolutions == {"total": 2, "int8": 2, "float": 0}
+    assert placement.unfused_qdq == {"QuantizeLinear": 1, "DequantizeLinear": 1}  # the graph's input and output
+    report = json.loads((path.parent / "quantization_report.json").read_text())
+    assert report["prepare"]["folded_batch_norms"] == 2
+    ref, out = _run(model, x), create_session(path).run(None, {"x": x})[0]
+    cos = (ref * out).sum() / (np.linalg.norm(ref) * np.linalg.norm(out))
+    assert cos > 0.99, cos

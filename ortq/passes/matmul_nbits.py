@@ -244,11 +244,12 @@ def _upgrade(plans: dict[tuple, _Plan], config: WeightOnlyConfig, algorithm: Wei
                 with_offsets.add(key)
         extra = int8_bytes(n, k, _layer_format(config, 8, k)[0], scale_bytes=2 if p.float16 else 4) - now
         eight[key] = Upgrade(key, error, error / 16, extra)
-    # Each carried grid with block offsets costs run time (see ortq.passes.block_offsets): at most
-    # max_offset_layers of them, the most error removed per byte first; the others are 8-bit candidates.
+    # Each carried grid with block offsets costs run time, about the same per layer (two small nodes per
+    # activation, see ortq.passes.block_offsets): at most max_offset_layers of them, the largest error
+    # removed first; the others are 8-bit candidates.
     allowed = set(with_offsets)
     if config.max_offset_layers is not None:
-        ranked = sorted((carried[k] for k in with_offsets), key=lambda c: c.gain / max(c.extra_bytes, 1), reverse=True)
+        ranked = sorted((carried[k] for k in with_offsets), key=lambda c: c.gain, reverse=True)
         allowed = {c.key for c in ranked[:config.max_offset_layers]}
     candidates = [carried[k] if k in carried and (k not in with_offsets or k in allowed) else eight[k] for k in base]
     order = {key: i for i, key in enumerate(plans)}
