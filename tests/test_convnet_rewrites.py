@@ -330,3 +330,29 @@ def test_paddle_style_block_runs_in_int8_kernels(tmp_path):
     ref, out = _run(model, x), create_session(path).run(None, {"x": x})[0]
     cos = (ref * out).sum() / (np.linalg.norm(ref) * np.linalg.norm(out))
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("op", ["ConvTranspose", "Conv"])
+def test_per_channel_mul_and_batch_norm_fold_into_conv_and_conv_transpose(op):
+    """``Conv / ConvTranspose -> Mul(per-channel constant) -> BatchNormalization``, both folded: one node left,
+    the same outputs."""
+    rng = np.random.default_rng(0)
+    cin, cout = 3, 5
+    w = rng.normal(size=(cout, cin, 3, 3) if op == "Conv" else (cin, cout, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node(op, ["x", "w", "b"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Mul", ["scale", "c"], ["m"]),
+             helper.make_node("BatchNormalization", ["m", "gamma", "beta", "mean", "var"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.normal(size=cout).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=(cout, 1, 1)).astype(np.float32), "scale")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("gamma", rng.uniform(0.5, 2, cout)), ("beta", rng.normal(size=cout)), ("mean", rng.normal(size=cout)),
+        ("var", rng.uniform(0.1, 3, cout)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, cout, None, None])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, n = rewrite_convnet(model)
+    assert n["folded_batch_norms"] == 2 and [node.op_type for node in folded.graph.node] == [op]
+    onnx.checker.check_model(folded, full_check=True)
+    x = rng.normal(size=(2, cin, 7, 7)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-4, atol=1e-4)

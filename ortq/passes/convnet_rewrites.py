@@ -21,8 +21,9 @@ the pair only in a float graph. Quantized as it stands, the Conv's output is qua
 affine, the BatchNormalization runs in float between QuantizeLinear / DequantizeLinear pairs and no
 ``QLinearConv`` forms (PP-OCR's MobileNetV3 direction classifier: 0.55x fp32's speed, feature cosine 0.96).
 ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = scale / sqrt(var + epsilon)`` per output channel is
-the same function up to float rounding. A per-channel constant ``Add`` after a Conv (Paddle's exported bias)
-folds into the bias the same way.
+the same function up to float rounding. A per-channel constant ``Add`` (Paddle's exported bias) or ``Mul``
+(a normalisation written out) after a Conv folds the same way, and so does a BatchNormalization after a
+one-group ``ConvTranspose`` (its weight's output channels are axis 1).
 
 **Hardswish and Hardsigmoid after a convolution become ``Add -> Clip -> Mul``.** ONNX Runtime has no int8
 kernel for either: they ran in float between DequantizeLinear / QuantizeLinear, with layout transposes around
@@ -203,23 +204,36 @@ def _bn_scale_shift(bn: onnx.NodeProto, inits: dict[str, onnx.TensorProto], chan
     return s, beta - mean * s
 
 
-def _bias_add_shift(add: onnx.NodeProto, conv_out: str, const_of, channels: int):
-    """``(1, t)`` when ``add`` adds a constant per-channel (or scalar) shift to ``conv_out`` ([N, C, ...]);
-    ``const_of(name)`` is the value of a constant input (an initializer or a chain of constants) or None."""
-    other = add.input[1] if add.input[0] == conv_out else add.input[0]
-    t = const_of(other) if other != conv_out else None
-    if t is None or t.dtype.kind != "f" or t.size not in (1, channels):
+def _channel_constant(node: onnx.NodeProto, conv_out: str, const_of, channels: int) -> np.ndarray | None:
+    """The other input of the Add / Mul ``node`` as ``channels`` float64 values when it is a constant scalar or
+    per-channel ``[C, 1, 1]`` / ``[1, C, 1, 1]`` tensor (``const_of(name)``: an initializer or a chain of
+    constants, else None)."""
+    if len(node.input) != 2 or node.input[0] == node.input[1]:
+        return None
+    other = node.input[1] if node.input[0] == conv_out else node.input[0]
+    t = const_of(other)
+    if t is None or t.dtype.kind != "f" or t.size not in (1, channels) or t.ndim > 4:
         return None
     if t.size == channels and (t.ndim < 3 or t.shape[-3] != channels or any(d != 1 for d in t.shape[-2:])):
         return None  # only [C, 1, 1] / [1, C, 1, 1] (2-D convs) broadcasts along the channels
-    return np.ones(channels), np.broadcast_to(t.astype(np.float64).reshape(-1), (channels,))
+    return np.broadcast_to(t.astype(np.float64).reshape(-1), (channels,))
+
+
+def _affine(node: onnx.NodeProto, conv_out: str, inits, const_of, channels: int):
+    """``(s, t)`` with ``node(y) = y * s + t`` per channel of ``conv_out``, or None."""
+    if node.op_type == "BatchNormalization":
+        return _bn_scale_shift(node, inits, channels)
+    c = _channel_constant(node, conv_out, const_of, channels)
+    if c is None:
+        return None
+    return (np.ones(channels), c) if node.op_type == "Add" else (c, np.zeros(channels))
 
 
 def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Fold every inference-mode BatchNormalization (and per-channel constant Add) that is the only reader of a
-    Conv's output (constant weight and bias) into that Conv. Returns the model (a copy when something changed)
-    and the number folded."""
-    if not any(n.op_type in ("BatchNormalization", "Add") for n in model.graph.node):
+    """Fold every inference-mode BatchNormalization, and every Add / Mul of a per-channel constant, that is the
+    only reader of a Conv's (or a one-group ConvTranspose's) output, with constant weight and bias, into that
+    convolution. Returns the model (a copy when something changed) and the number folded."""
+    if not any(n.op_type in ("BatchNormalization", "Add", "Mul") for n in model.graph.node):
         return model, 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -232,26 +246,32 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             readers[v] = readers.get(v, 0) + 1
     outputs = {o.name for o in graph.output}
     names = {v for n in graph.node for v in (*n.input, *n.output)} | set(inits) | {i.name for i in graph.input}
+    convs = ("Conv", "ConvTranspose")
     folded = []
     for bn in list(graph.node):
-        conv = None
-        if bn.domain in ("", "ai.onnx") and bn.op_type in ("BatchNormalization", "Add"):
-            conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else next(
-                (producers[v] for v in bn.input if v in producers and producers[v].op_type == "Conv"), None)
-        if (conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or readers.get(conv.output[0]) != 1
-                or conv.output[0] in outputs):
+        if bn.domain not in ("", "ai.onnx") or bn.op_type not in ("BatchNormalization", "Add", "Mul"):
+            continue
+        conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else next(
+            (producers[v] for v in bn.input if v in producers and producers[v].op_type in convs), None)
+        if (conv is None or conv.op_type not in convs or conv.domain not in ("", "ai.onnx")
+                or readers.get(conv.output[0]) != 1 or conv.output[0] in outputs
+                or (conv.op_type == "ConvTranspose" and (_attr(conv, "group") or 1) != 1)):
             continue
         w = _initializer_array(conv.input[1], inits)
         b = _initializer_array(conv.input[2], inits) if len(conv.input) > 2 and conv.input[2] else None
         if w is None or w.dtype.kind != "f" or w.ndim < 3 or (len(conv.input) > 2 and conv.input[2] and b is None):
             continue
-        st = (_bn_scale_shift(bn, inits, w.shape[0]) if bn.op_type == "BatchNormalization"
-              else _bias_add_shift(bn, conv.output[0], lambda v: _constant_value(v, graph, producers, inits, opset),
-                                   w.shape[0]) if w.ndim == 4 else None)
+        axis = 0 if conv.op_type == "Conv" else 1  # the output channels' axis of the weight
+        if bn.op_type != "BatchNormalization" and w.ndim != 4:
+            continue  # a constant's broadcast is checked for 2-D convolutions only
+        st = _affine(bn, conv.output[0], inits, lambda v: _constant_value(v, graph, producers, inits, opset),
+                     w.shape[axis])
         if st is None:
             continue
+        shape = [1] * w.ndim
+        shape[axis] = -1
         s, t = st
-        w_new = (w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+        w_new = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
         b_new = ((b.astype(np.float64) if b is not None else 0.0) * s + t).astype(w.dtype)
         new_names = []
         for base, value in ((f"{conv.input[1]}_bn_folded", w_new), (f"{bn.name or bn.output[0]}_bias", b_new)):
@@ -274,7 +294,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         graph.node.remove(bn)
     if not any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
         _drop_dead(graph)
-    logger.info("%d BatchNormalization / bias Add nodes folded into their convolutions", len(folded))
+    logger.info("%d BatchNormalization / per-channel Add or Mul nodes folded into their convolutions", len(folded))
     return model, len(folded)
 
 
