@@ -46,6 +46,7 @@ class InputSpec:
     dtype: np.dtype
     rank: int | None
     dims: tuple[int | None, ...] = ()
+    dim_names: tuple[str | None, ...] = ()  # symbolic names of the dynamic dimensions
 
     def empty_past(self, batch_size: int) -> np.ndarray:
         """A KV-cache input of past length 0 (``[batch, heads, 0, head_dim]``): what a prefill feeds."""
@@ -66,8 +67,26 @@ def graph_inputs(model: onnx.ModelProto | str | os.PathLike) -> dict[str, InputS
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
         rank = len(tt.shape.dim) if tt.HasField("shape") else None
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) if rank else ()
-        specs[vi.name] = InputSpec(vi.name, dtype, rank, dims)
+        names = tuple(d.dim_param or None for d in tt.shape.dim) if rank else ()
+        specs[vi.name] = InputSpec(vi.name, dtype, rank, dims, names)
     return specs
+
+
+def sample_axes(specs: Mapping[str, InputSpec]) -> dict[str, int | None]:
+    """Per input, the axis that runs over samples: the one carrying the batch dimension's symbolic name (the
+    name most inputs give their first axis, e.g. a recurrent state ``[2, batch, 128]`` has it second), else
+    0; None for a scalar input, which every batch gets whole (a sample rate)."""
+    firsts = [s.dim_names[0] for s in specs.values() if s.dim_names and s.dim_names[0]]
+    batch = max(set(firsts), key=firsts.count) if firsts else None
+    axes: dict[str, int | None] = {}
+    for name, spec in specs.items():
+        if spec.rank == 0:
+            axes[name] = None
+        elif batch is not None and batch in spec.dim_names:
+            axes[name] = spec.dim_names.index(batch)
+        else:
+            axes[name] = 0
+    return axes
 
 
 # --------------------------------------------------------------------------------------------- real text
@@ -466,9 +485,13 @@ def _array_batches(
     arrays: dict[str, np.ndarray], specs: Mapping[str, InputSpec], batch_size: int, num_samples: int | None, where: str
 ) -> Batches:
     arrays = _check_feeds(arrays, specs, where)
-    lengths = {len(a) for a in arrays.values() if a.ndim > 0}
+    axes = {k: a for k, a in sample_axes(specs).items() if k in arrays}
+    axes = {k: (None if arrays[k].ndim == 0 else a) for k, a in axes.items()}
+    lengths = {arrays[k].shape[a] for k, a in axes.items() if a is not None}
     if len(lengths) != 1:
-        raise CalibrationDataError(f"{where}: arrays disagree on the number of samples (first axis): {sorted(lengths)}")
+        where_axes = ", ".join(f"{k}: axis {a}" for k, a in axes.items() if a is not None and a != 0)
+        raise CalibrationDataError(f"{where}: arrays disagree on the number of samples (first axis"
+                                   f"{'; ' + where_axes if where_axes else ''}): {sorted(lengths)}")
     n = lengths.pop()
     if num_samples is not None:
         n = min(n, num_samples)
@@ -477,7 +500,9 @@ def _array_batches(
 
     def it() -> Iterator[Feeds]:
         for i in range(0, n, batch_size):
-            yield {k: v[i : min(i + batch_size, n)] for k, v in arrays.items()}
+            rows = slice(i, min(i + batch_size, n))
+            yield {k: v if axes.get(k) is None else np.take(v, np.arange(n)[rows], axis=axes[k])
+                   for k, v in arrays.items()}
 
     return Batches(it, n, batch_size)
 

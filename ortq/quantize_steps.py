@@ -175,7 +175,10 @@ class QuantizeSteps:
             dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype("float32")
             rank = len(v.shape) if v.shape is not None else None
             dims = tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else ()
-            specs[v.name] = InputSpec(v.name, dtype, rank, dims)  # dims: a prefill's empty KV cache needs them
+            names = tuple(None if isinstance(d, int) or d is None or d.value is None else str(d.value)
+                          for d in v.shape) if v.shape is not None else ()
+            # dims: a prefill's empty KV cache needs them; names: which axis runs over samples
+            specs[v.name] = InputSpec(v.name, dtype, rank, dims, names)
         return specs
 
     def batches(self, dataset: Any, *, batch_size: int = 16, num_samples: int | None = None,

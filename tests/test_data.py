@@ -76,6 +76,31 @@ def test_npz_and_feed_dicts(model, tmp_path):
     assert list(load_batches(feeds, model=model))[0]["input_ids"].shape == (3, 2)
 
 
+RECURRENT_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[batch, 4] x, float[2, batch, 3] state, int64 sr) => (float[batch, 4] y) {
+    y = Identity(x)
+}
+"""
+
+
+def test_npz_samples_run_along_each_inputs_batch_axis(tmp_path):
+    """A recurrent state ``[2, batch, 3]`` is cut along its batch axis (the one named like the other inputs'
+    first), and a scalar input (a sample rate) goes whole to every batch."""
+    path = tmp_path / "rnn.onnx"
+    onnx.save(onnx.parser.parse_model(RECURRENT_MODEL), path)
+    f = tmp_path / "d.npz"
+    state = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    np.savez(f, x=np.zeros((5, 4), np.float32), state=state, sr=np.array(16000, np.int64))
+    got = list(load_batches(f, model=path, batch_size=2))
+    assert [b["state"].shape for b in got] == [(2, 2, 3), (2, 2, 3), (2, 1, 3)]
+    np.testing.assert_array_equal(got[1]["state"], state[:, 2:4])
+    assert all(b["sr"].shape == () and int(b["sr"]) == 16000 for b in got)
+    np.savez(f, x=np.zeros((5, 4), np.float32), state=state[:, :4], sr=np.array(16000, np.int64))
+    with pytest.raises(CalibrationDataError, match="state: axis 1"):
+        load_batches(f, model=path)
+
+
 def test_graph_inputs(model):
     specs = graph_inputs(model)
     assert list(specs) == ["input_ids", "attention_mask"]

@@ -157,3 +157,17 @@ def test_task_stats_per_task():
     r = lm.result()
     assert r["tokens"] == 2 and r["perplexity_reference"] == pytest.approx(5.0) and r["perplexity_delta_pct"] == 0.0
     assert TaskStats("none", None, 5).result() is None
+
+
+def test_output_with_one_value_per_sample_takes_its_cosine_over_the_samples():
+    """A per-sample cosine of one number is only its sign: 1.0 for any pair of positive scores. Over the
+    samples, scores that have nothing to do with the reference's are no longer a perfect match."""
+    ref = np.array([[0.9], [0.1], [0.5], [0.2]])
+    test = np.array([[0.1], [0.9], [0.2], [0.5]])
+    s = OutputStats()
+    s.update(ref[:2], test[:2], None)
+    s.update(ref[2:], test[2:], None)
+    r = s.result()
+    expected = float(ref.ravel() @ test.ravel() / (np.linalg.norm(ref) * np.linalg.norm(test)))
+    assert r["cosine_mean"] == r["cosine_min"] == pytest.approx(expected) and expected < 0.6
+    assert r["cosine_over"].startswith("samples") and r["samples"] == 4

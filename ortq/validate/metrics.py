@@ -253,10 +253,16 @@ class ErrorStats:
 
 
 class OutputStats:
-    """Streaming fidelity of one model output: per-sample cosine, global and worst-sample SQNR, abs errors."""
+    """Streaming fidelity of one model output: per-sample cosine, global and worst-sample SQNR, abs errors.
+
+    An output with one value per sample (a score, a probability) has no per-sample cosine worth the name (the
+    cosine of two numbers is their signs' agreement): its cosine is taken over the samples instead, the
+    vector of all its values."""
 
     def __init__(self) -> None:
         self.cosines: list[float] = []
+        self.pooled = ErrorStats()
+        self.largest_sample = 0
         self.signal = 0.0
         self.noise = 0.0
         self.max_abs = 0.0
@@ -285,6 +291,8 @@ class OutputStats:
             if r.size == 0:
                 continue
             self.cosines.append(cosine_similarity(r, t))
+            self.pooled.update(r, t)
+            self.largest_sample = max(self.largest_sample, int(r.size))
             d = r - t
             s, n = float(np.sum(r * r)), float(np.sum(d * d))
             self.sample_sqnr.append(sqnr_from_sums(s, n))
@@ -298,7 +306,11 @@ class OutputStats:
     def result(self) -> dict[str, Any]:
         """The figures of the ``fidelity.outputs`` entry of a validation report (NaN cosines when empty)."""
         c = np.asarray(self.cosines) if self.cosines else np.asarray([np.nan])
+        scalar = self.largest_sample == 1
+        if scalar:  # one value per sample: the cosine of the vector over samples
+            c = np.asarray([self.pooled.cosine])
         return {
+            **({"cosine_over": "samples (one value each)"} if scalar else {}),
             "cosine_mean": float(np.mean(c)),
             "cosine_min": float(np.min(c)),
             "cosine_p01": float(np.percentile(c, 1)),
