@@ -497,6 +497,14 @@ def _array_batches(
         n = min(n, num_samples)
     if n == 0:
         raise CalibrationDataError(f"{where}: no samples")
+    # A graph with a fixed batch dimension (model-zoo graphs: [1, 3, 224, 224]) gets batches of that size.
+    fixed = {specs[k].dims[a] for k, a in axes.items()
+             if a is not None and k in specs and a < len(specs[k].dims) and specs[k].dims[a] is not None}
+    if len(fixed) == 1 and (size := fixed.pop()) != batch_size and size > 0:
+        if n < size:
+            raise CalibrationDataError(f"{where}: {n} samples, the graph's batch dimension is fixed at {size}")
+        logger.info("%s: batches of %d samples, the graph's fixed batch dimension", where, size)
+        batch_size, n = size, n - n % size
 
     def it() -> Iterator[Feeds]:
         for i in range(0, n, batch_size):

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 MODEL_FILENAME = "model.onnx"
 # Protobuf cannot serialize a single message over 2 GiB; above this, weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-MIN_OPSET = 10
+# Older opsets are upgraded to ``ortq.passes.prepare.TARGET_OPSET`` with onnx.version_converter (model-zoo graphs
+# are opset 7-9); a model must import some default-domain opset.
+MIN_OPSET = 1
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -65,10 +67,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise ModelError(f"{p}: invalid ONNX model ({first_line(exc)})") from exc
     opset = default_opset(model)
     if opset < MIN_OPSET:
-        raise ModelError(
-            f"{p}: opset {opset} is too old for QDQ quantization (need >= {MIN_OPSET}); "
-            "upgrade it with onnx.version_converter"
-        )
+        raise ModelError(f"{p}: the model imports no default-domain (ai.onnx) opset")
     return model
 
 

@@ -185,9 +185,12 @@ def _invalid_graph(c):
     return {"input": p}
 
 
-def _very_old_opset(c):
-    p = c.root / "opset8.onnx"
-    onnx.save(_small_model(opset=8), p)
+def _no_default_opset(c):
+    m = _small_model()
+    del m.opset_import[:]
+    m.opset_import.append(h.make_opsetid("com.example", 1))
+    p = c.root / "no-opset.onnx"
+    onnx.save(m, p)
     return {"input": p}
 
 
@@ -430,7 +433,7 @@ CASES = [
     Case("text-file-as-onnx", _text_file_as_model, ModelError, "not a readable ONNX model|invalid ONNX|no nodes"),
     Case("external-data-missing", _external_data_missing, ModelError, "external data"),
     Case("invalid-graph", _invalid_graph, ModelError, "invalid ONNX model"),
-    Case("very-old-opset", _very_old_opset, ModelError, "opset 8 is too old"),
+    Case("no-default-opset", _no_default_opset, ModelError, "no default-domain|invalid ONNX model"),
     Case("unknown-future-opset", _unknown_future_opset, ModelError, "opset 99 is newer than onnx"),
     Case("nothing-to-quantize", _nothing_to_quantize, ModelError, "nothing to quantize"),
     Case("calibration-missing", _calibration_missing, CalibrationDataError, "missing.npz: no such file"),

@@ -356,3 +356,22 @@ def test_per_channel_mul_and_batch_norm_fold_into_conv_and_conv_transpose(op):
     onnx.checker.check_model(folded, full_check=True)
     x = rng.normal(size=(2, cin, 7, 7)).astype(np.float32)
     np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_sum_becomes_a_chain_of_adds():
+    """Caffe2-era residual ``Sum`` nodes (no int8 kernel) become Adds (``QLinearAdd``), same values."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Sum", ["c", "x"], ["s2"], name="two"),
+             helper.make_node("Sum", ["s2", "c", "x"], ["y"], name="three")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 4, 4])],
+                              initializer=[numpy_helper.from_array(
+                                  np.random.default_rng(0).normal(size=(3, 3, 1, 1)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from ortq.passes.convnet_rewrites import sums_as_adds
+
+    rewritten, n = sums_as_adds(model)
+    assert n == 2 and [node.op_type for node in rewritten.graph.node] == ["Conv", "Add", "Add", "Add"]
+    onnx.checker.check_model(rewritten, full_check=True)
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(rewritten, x), _run(model, x), rtol=1e-6, atol=1e-6)

@@ -150,3 +150,18 @@ def test_nan_in_float_inputs_is_refused(tmp_path):
     bad = np.array([[1.0, np.nan]], np.float32)
     with pytest.raises(CalibrationDataError, match="NaN"):
         load_batches({"x": bad}, model=path)
+
+
+def test_a_fixed_batch_dimension_sets_the_batch_size(tmp_path):
+    """Model-zoo graphs fix the batch at 1 (``[1, 3, 224, 224]``): calibration feeds one sample at a time."""
+    path = tmp_path / "fixed.onnx"
+    onnx.save(onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 4] x) => (float[1, 4] y) {
+    y = Identity(x)
+}
+"""), path)
+    f = tmp_path / "d.npz"
+    np.savez(f, x=np.zeros((5, 4), np.float32))
+    batches = load_batches(f, model=path, batch_size=16)
+    assert [b["x"].shape for b in batches] == [(1, 4)] * 5

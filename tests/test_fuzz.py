@@ -433,8 +433,10 @@ def fuzz_one(seed: int, folder: Path) -> str:
     try:
         onnx.checker.check_model(str(written))
         sess = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
-        with np.load(cal) as npz:  # the data calibration ran on runs through the quantized model too
-            feeds = {i.name: npz[i.name][:4] for i in sess.get_inputs() if i.name in npz.files}
+        with np.load(cal) as npz:  # the data calibration ran on runs through the quantized model too (in
+            # batches of the graph's batch dimension where it is fixed)
+            feeds = {i.name: npz[i.name][:i.shape[0] if isinstance(i.shape[0], int) else 4]
+                     for i in sess.get_inputs() if i.name in npz.files and i.shape}
         if len(feeds) == len(sess.get_inputs()):
             sess.run(None, feeds)
     except Exception as exc:

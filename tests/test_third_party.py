@@ -122,12 +122,13 @@ def test_conv_constant_weight_opset12(tmp_path):
     assert report["plan"]["num_quantized"] == 1
 
 
-def test_opset_below_ten_is_refused(tmp_path):
+def test_model_zoo_opsets_are_upgraded(tmp_path):
+    """Opset 7-9 graphs (the ONNX model zoo's) are upgraded with onnx.version_converter, then quantized."""
     nodes = [h.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
-    model = _model(nodes, [_x("x", "N", 4)], [_x("y", "N", 4)], [nh.from_array(_w(4, 4), "W")], opset=9)
-    onnx.save(model, tmp_path / "m.onnx")
-    with pytest.raises(ModelError, match=r"opset 9 is too old.*version_converter"):
-        ORTQuantizer.from_pretrained(tmp_path / "m.onnx")
+    model = _model(nodes, [_x("x", "N", 4)], [_x("y", "N", 4)], [nh.from_array(_w(4, 4), "W")], opset=8)
+    _, report = _quantize_and_compare(tmp_path, model, lambda n: {"x": _w(n, 4, scale=1.0)})
+    assert report["plan"]["num_quantized"] == 1
+    assert report["prepare"]["source_opset"] == 8 and report["prepare"]["opset"] == 13
 
 
 def test_failed_opset_upgrade_is_a_model_error(tmp_path, monkeypatch):

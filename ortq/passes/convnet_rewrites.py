@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 # auto_pad values under which a Conv's padding is its ``pads`` attribute (VALID: none at all).
 _EXPLICIT = (None, b"NOTSET", "NOTSET", b"VALID", "VALID")
 
-__all__ = ["decompose_hard_activations", "divisions_after_clips", "fold_batch_norms", "fold_pads_into_convs", "global_average_pools",
-           "rewrite_convnet"]
+__all__ = ["decompose_hard_activations", "divisions_after_clips", "fold_batch_norms", "fold_pads_into_convs",
+           "global_average_pools", "rewrite_convnet", "sums_as_adds"]
 
 
 def _constant_value(name: str, graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
@@ -190,12 +190,12 @@ def _initializer_array(name: str, inits: dict[str, onnx.TensorProto]) -> np.ndar
         return None
 
 
-def _bn_scale_shift(bn: onnx.NodeProto, inits: dict[str, onnx.TensorProto], channels: int):
+def _bn_scale_shift(bn: onnx.NodeProto, const_of, channels: int):
     """``(s, t)`` with ``BatchNormalization(y) = y * s + t`` per channel, or None when the node is not a plain
-    inference-mode normalisation of ``channels`` channels with constant parameters."""
+    inference-mode normalisation of ``channels`` channels with constant parameters (``const_of(name)``)."""
     if len(bn.input) != 5 or any(o for o in bn.output[1:]) or _attr(bn, "training_mode"):
         return None
-    params = [_initializer_array(v, inits) for v in bn.input[1:]]
+    params = [const_of(v) for v in bn.input[1:]]
     if any(p is None or p.shape != (channels,) or p.dtype.kind != "f" for p in params):
         return None
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
@@ -219,10 +219,10 @@ def _channel_constant(node: onnx.NodeProto, conv_out: str, const_of, channels: i
     return np.broadcast_to(t.astype(np.float64).reshape(-1), (channels,))
 
 
-def _affine(node: onnx.NodeProto, conv_out: str, inits, const_of, channels: int):
+def _affine(node: onnx.NodeProto, conv_out: str, const_of, channels: int):
     """``(s, t)`` with ``node(y) = y * s + t`` per channel of ``conv_out``, or None."""
     if node.op_type == "BatchNormalization":
-        return _bn_scale_shift(node, inits, channels)
+        return _bn_scale_shift(node, const_of, channels)
     c = _channel_constant(node, conv_out, const_of, channels)
     if c is None:
         return None
@@ -257,15 +257,17 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 or readers.get(conv.output[0]) != 1 or conv.output[0] in outputs
                 or (conv.op_type == "ConvTranspose" and (_attr(conv, "group") or 1) != 1)):
             continue
-        w = _initializer_array(conv.input[1], inits)
-        b = _initializer_array(conv.input[2], inits) if len(conv.input) > 2 and conv.input[2] else None
+        def const_of(name: str) -> np.ndarray | None:  # an initializer, or a chain of constants evaluated
+            return _constant_value(name, graph, producers, inits, opset)
+
+        w = const_of(conv.input[1])
+        b = const_of(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         if w is None or w.dtype.kind != "f" or w.ndim < 3 or (len(conv.input) > 2 and conv.input[2] and b is None):
             continue
         axis = 0 if conv.op_type == "Conv" else 1  # the output channels' axis of the weight
         if bn.op_type != "BatchNormalization" and w.ndim != 4:
             continue  # a constant's broadcast is checked for 2-D convolutions only
-        st = _affine(bn, conv.output[0], inits, lambda v: _constant_value(v, graph, producers, inits, opset),
-                     w.shape[axis])
+        st = _affine(bn, conv.output[0], const_of, w.shape[axis])
         if st is None:
             continue
         shape = [1] * w.ndim
@@ -458,10 +460,44 @@ def divisions_after_clips(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     return model, len(found)
 
 
+def sums_as_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Write every ``Sum`` of two or more inputs (Caffe2-era graphs: ResNet's and ShuffleNet's residual
+    additions) as a chain of ``Add``: ONNX Runtime has ``QLinearAdd`` but no int8 Sum, so a Sum ran in float
+    between Q/DQ pairs. Returns the model and the count."""
+    found = [i for i, n in enumerate(model.graph.node)
+             if n.op_type == "Sum" and n.domain in ("", "ai.onnx") and len(n.input) >= 2]
+    if not found:
+        return model, 0
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    names = {v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
+    nodes: list = list(graph.node)
+    for i in found:
+        node = nodes[i]
+        base, acc, chain = node.name or node.output[0], node.input[0], []
+        for k, term in enumerate(node.input[1:], 1):
+            last = k == len(node.input) - 1
+            out = node.output[0]
+            if not last:
+                out, j = f"{base}/partial{k}", 0
+                while out in names:
+                    j += 1
+                    out = f"{base}/partial{k}_{j}"
+                names.add(out)
+            chain.append(helper.make_node("Add", [acc, term], [out], name=base if len(node.input) == 2 else f"{base}/Add{k}"))
+            acc = out
+        nodes[i] = chain
+    del graph.node[:]
+    graph.node.extend(n for item in nodes for n in (item if isinstance(item, list) else [item]))
+    logger.info("%d Sum nodes written as Add", len(found))
+    return model, len(found)
+
+
 def rewrite_convnet(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     """All four rewrites; returns the model and ``{"folded_batch_norms", "folded_pads", "global_pools",
     "hard_activations"}``."""
     model, norms = fold_batch_norms(model)
+    model, _ = sums_as_adds(model)
     model, pads = fold_pads_into_convs(model)
     model, pools = global_average_pools(model)
     model, hard = decompose_hard_activations(model)

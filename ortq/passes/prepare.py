@@ -2,8 +2,11 @@
 
 * Weights stored as ``Constant`` nodes (older PyTorch exports, tf2onnx, paddle2onnx) become initializers, so
   the planner sees them as constant weights.
-* Opsets below 13 (per-channel ``DequantizeLinear`` needs 13) are upgraded with ``onnx.version_converter``;
-  a conversion that fails is refused with a :class:`~ortq.errors.ModelError`.
+* Opsets below 13 (per-channel ``DequantizeLinear`` needs 13; the ONNX model zoo's graphs are opset 7-9) are
+  upgraded with ``onnx.version_converter``; a conversion that fails is refused with a
+  :class:`~ortq.errors.ModelError`.
+* A BatchNormalization, or a per-channel constant Add / Mul, after a Conv folds into the convolution; a ``Sum``
+  becomes ``Add`` nodes; a division by a constant after a Clip becomes a product.
 * A zero ``Pad`` in front of a ``Conv`` folds into the convolution's ``pads``, so no QuantizeLinear /
   DequantizeLinear pair is left in float between two int8 convolutions; an ``AveragePool`` over its whole input
   becomes ``GlobalAveragePool``, whose int8 kernel computes the same mean; a Hardswish / Hardsigmoid after a Conv
