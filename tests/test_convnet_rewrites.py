@@ -375,3 +375,51 @@ def test_sum_becomes_a_chain_of_adds():
     onnx.checker.check_model(rewritten, full_check=True)
     x = np.random.default_rng(1).normal(size=(2, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(_run(rewritten, x), _run(model, x), rtol=1e-6, atol=1e-6)
+
+
+def test_weights_computed_by_constant_nodes_become_initializers():
+    """A Conv weight stored in float16 behind a Cast, and a MatMul weight behind a Transpose, are evaluated
+    into initializers (quantized as computed they would be quantized again on every run, never prepacked); a
+    random op is never evaluated."""
+    from ortq.passes.convnet_rewrites import constant_weights
+
+    rng = np.random.default_rng(0)
+    w16 = rng.normal(size=(4, 3, 1, 1)).astype(np.float16)
+    wt = rng.normal(size=(5, 4)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("ReduceMean", ["c", "axes"], ["p"], keepdims=0),
+             helper.make_node("Transpose", ["wt"], ["m"], perm=[1, 0]),
+             helper.make_node("MatMul", ["p", "m"], ["y"]),
+             helper.make_node("RandomNormal", [], ["noise"], shape=[5, 2]),
+             helper.make_node("MatMul", ["y", "noise"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 2])],
+                              initializer=[numpy_helper.from_array(w16, "w16"), numpy_helper.from_array(wt, "wt"),
+                                           numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    folded, n = constant_weights(model)
+    assert n == 2
+    onnx.checker.check_model(folded, full_check=True)
+    assert [node.op_type for node in folded.graph.node] == ["Conv", "ReduceMean", "MatMul", "RandomNormal", "MatMul"]
+    assert {"w", "m"} <= {t.name for t in folded.graph.initializer}
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(create_session(folded.SerializeToString()).run(["y"], {"x": x})[0],
+                               create_session(model.SerializeToString()).run(["y"], {"x": x})[0], rtol=1e-5)
+
+
+def test_a_tied_tables_transpose_stays():
+    """``MatMul(h, Transpose(E))`` where a Gather reads ``E`` too (a tied lm_head) is left for the weight-only
+    passes, which quantize the shared table once."""
+    from ortq.passes.convnet_rewrites import constant_weights
+
+    table = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]),
+             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "Et"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
+                              initializer=[numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert constant_weights(model) == (model, 0)
