@@ -547,14 +547,14 @@ def sums_as_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def rewrite_convnet(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """All four rewrites; returns the model and ``{"folded_batch_norms", "folded_pads", "global_pools",
-    "hard_activations"}``."""
-    model, _ = constant_weights(model)
+    """All the rewrites; returns the model and their counts (``evaluated_weights``, ``sums_as_adds``,
+    ``folded_batch_norms``, ``folded_pads``, ``global_pools``, ``hard_activations``)."""
+    model, weights = constant_weights(model)
     model, norms = fold_batch_norms(model)
-    model, _ = sums_as_adds(model)
+    model, sums = sums_as_adds(model)
     model, pads = fold_pads_into_convs(model)
     model, pools = global_average_pools(model)
     model, hard = decompose_hard_activations(model)
     model, divisions = divisions_after_clips(model)
     hard += divisions
-    return model, {"folded_batch_norms": norms, "folded_pads": pads, "global_pools": pools, "hard_activations": hard}
+    return model, {"evaluated_weights": weights, "sums_as_adds": sums, "folded_batch_norms": norms, "folded_pads": pads, "global_pools": pools, "hard_activations": hard}

@@ -61,7 +61,9 @@ class Preparation:
     opset: int
     lifted_constants: int = 0
     initializer_inputs: int = 0
+    evaluated_weights: int = 0
     folded_batch_norms: int = 0
+    sums_as_adds: int = 0
     folded_pads: int = 0
     global_pools: int = 0
     hard_activations: int = 0
@@ -342,7 +344,8 @@ def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onn
     if prep.lifted_constants:
         logger.info("%s: %d Constant nodes lifted to initializers", source, prep.lifted_constants)
     model, rewrites = rewrite_convnet(model)
-    prep.folded_batch_norms = rewrites["folded_batch_norms"]
+    prep.folded_batch_norms, prep.sums_as_adds = rewrites["folded_batch_norms"], rewrites["sums_as_adds"]
+    prep.evaluated_weights = rewrites["evaluated_weights"]
     prep.folded_pads, prep.global_pools = rewrites["folded_pads"], rewrites["global_pools"]
     prep.hard_activations = rewrites["hard_activations"]
     if _missing_types(model):
