@@ -125,6 +125,10 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, *, int4_weights: dict | None = 
                 node.replace_input_with(i, dq_of[v.name])
 
     drop_unused_initializers(graph, [values[name] for name in plan.weights] + biases)
+    if not any(n.op_type in ("If", "Loop", "Scan") for n in graph):
+        # constants of removed ops (a Mul turned into a scale) and initializers the source left unread: ONNX
+        # Runtime warns about each one when it loads the model
+        drop_unused_initializers(graph, list(graph.initializers.values()))
     return model
 
 
