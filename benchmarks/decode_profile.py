@@ -6,7 +6,8 @@ profile by op type.
 Every folder's ``model.onnx`` gets the same one-token step (``input_ids``, a full ``attention_mask``,
 ``position_ids`` where the graph has them, a random KV cache of ``--past`` positions in the graph's own layout),
 in plain ONNX Runtime sessions with 2 intra-op threads. Steps are timed in alternated rounds (A B C ... A B C
-...; best round kept) and shown as ratios to the first folder; the op-type table comes from a separate
+...) and shown as ratios to the first folder: best round against best round, and the median over rounds of
+each round's ratio (steadier on a shared machine); the op-type table comes from a separate
 profiled session (the profiler's own overhead inflates small kernels: read it for shares, not totals).
 """
 
@@ -84,19 +85,21 @@ def main() -> int:
     for k, s in sessions.items():  # warm
         for _ in range(10):
             s.run(None, feeds[k])
-    best = {k: float("inf") for k in sessions}
+    rounds: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(args.rounds):
         for k, s in sessions.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 s.run(None, feeds[k])
-            best[k] = min(best[k], (time.perf_counter() - t0) / args.steps)
+            rounds[k].append((time.perf_counter() - t0) / args.steps)
+    best = {k: min(v) for k, v in rounds.items()}
     first = next(iter(best))
-    print(f"one-token decode steps, past {args.past}, {args.threads} threads, best of {args.rounds} alternated rounds, "
+    paired = {k: float(np.median(np.array(rounds[first]) / np.array(v))) for k, v in rounds.items()}
+    print(f"one-token decode steps, past {args.past}, {args.threads} threads, {args.rounds} alternated rounds, "
           f"ONNX Runtime {ort.__version__}")
-    print(f"{'model':40s} {'ms/step':>8s} {'vs first':>9s}")
+    print(f"{'model':40s} {'best ms':>8s} {'vs first':>9s} {'paired':>8s}")
     for k, t in best.items():
-        print(f"{k:40s} {t * 1e3:8.3f} {best[first] / t:8.2f}x")
+        print(f"{k:40s} {t * 1e3:8.3f} {best[first] / t:8.2f}x {paired[k]:7.3f}x")
     profiles = {k: profile(p, feeds[k], args.threads) for k, p in paths.items()}
     for k, ops in profiles.items():
         total = sum(v["us_per_step"] for v in ops.values())
@@ -105,7 +108,8 @@ def main() -> int:
             print(f"  {op:34s} {v['us_per_step']:9.1f} us {v['nodes']:5d} nodes {100 * v['us_per_step'] / total:5.1f} %")
     doc = {"benchmark": "decode_profile", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "past": args.past,
            "threads": args.threads, "onnxruntime": ort.__version__, "load_average": os.getloadavg(),
-           "ms_per_step": {k: t * 1e3 for k, t in best.items()}, "profiles": profiles}
+           "ms_per_step": {k: t * 1e3 for k, t in best.items()}, "paired_ratio_vs_first": paired,
+           "profiles": profiles}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {args.json}")
