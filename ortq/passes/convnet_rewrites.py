@@ -44,6 +44,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ortq.io import default_opset
+from ortq.passes.initializers import unique_name
+
 logger = logging.getLogger(__name__)
 
 # auto_pad values under which a Conv's padding is its ``pads`` attribute (VALID: none at all).
@@ -101,6 +104,13 @@ def _constant_value(name: str, graph: onnx.GraphProto, producers: dict[str, onnx
         return None
 
 
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name of ``graph`` (node inputs and outputs, initializers, graph inputs): what a new name
+    must not be."""
+    return ({v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
+            | {i.name for i in graph.input})
+
+
 def _attr(node: onnx.NodeProto, name: str):
     for a in node.attribute:
         if a.name == name:
@@ -148,7 +158,7 @@ def constant_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                     - {o.name for o in graph.output})
     if not wanted:
         return model, 0
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     init_protos = {t.name: t for t in graph.initializer}
     readers: dict[str, int] = {}
     for n in graph.node:
@@ -185,7 +195,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = model.graph
     if not any(n.op_type == "Pad" for n in graph.node):
         return model, 0
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -288,7 +298,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     convolution. Returns the model (a copy when something changed) and the number folded."""
     if not any(n.op_type in ("BatchNormalization", "Add", "Mul") for n in model.graph.node):
         return model, 0
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -298,7 +308,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for v in n.input:
             readers[v] = readers.get(v, 0) + 1
     outputs = {o.name for o in graph.output}
-    names = {v for n in graph.node for v in (*n.input, *n.output)} | set(inits) | {i.name for i in graph.input}
+    names = _names(graph)
     convs = ("Conv", "ConvTranspose")
     folded = []
     for bn in list(graph.node):
@@ -330,11 +340,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         b_new = ((b.astype(np.float64) if b is not None else 0.0) * s + t).astype(w.dtype)
         new_names = []
         for base, value in ((f"{conv.input[1]}_bn_folded", w_new), (f"{bn.name or bn.output[0]}_bias", b_new)):
-            name, k = base, 0
-            while name in names:
-                k += 1
-                name = f"{base}_{k}"
-            names.add(name)
+            name = unique_name(names, base)
             graph.initializer.append(numpy_helper.from_array(value, name))
             inits[name] = graph.initializer[-1]
             new_names.append(name)
@@ -434,16 +440,10 @@ def decompose_hard_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
         return model, 0
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    names = {v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
-    names |= {i.name for i in graph.input}
+    names = _names(graph)
 
     def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in names:
-            k += 1
-            name = f"{base}_{k}"
-        names.add(name)
-        return name
+        return unique_name(names, base)
 
     def const(base: str, value: float) -> str:
         name = fresh(base)
@@ -497,14 +497,10 @@ def divisions_after_clips(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         return model, 0
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    names = {t.name for t in graph.initializer}
+    names = _names(graph)
     for i, c in found:
         node = graph.node[i]
-        name, k = f"{node.input[1]}_reciprocal", 0
-        while name in names:
-            k += 1
-            name = f"{node.input[1]}_reciprocal_{k}"
-        names.add(name)
+        name = unique_name(names, f"{node.input[1]}_reciprocal")
         graph.initializer.append(numpy_helper.from_array((1.0 / c.astype(np.float64)).astype(c.dtype), name))
         node.op_type = "Mul"
         node.input[1] = name
@@ -523,20 +519,14 @@ def sums_as_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return model, 0
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    names = {v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
+    names = _names(graph)
     nodes: list = list(graph.node)
     for i in found:
         node = nodes[i]
         base, acc, chain = node.name or node.output[0], node.input[0], []
         for k, term in enumerate(node.input[1:], 1):
             last = k == len(node.input) - 1
-            out = node.output[0]
-            if not last:
-                out, j = f"{base}/partial{k}", 0
-                while out in names:
-                    j += 1
-                    out = f"{base}/partial{k}_{j}"
-                names.add(out)
+            out = node.output[0] if last else unique_name(names, f"{base}/partial{k}")
             chain.append(helper.make_node("Add", [acc, term], [out], name=base if len(node.input) == 2 else f"{base}/Add{k}"))
             acc = out
         nodes[i] = chain
