@@ -291,8 +291,9 @@ class OutputStats:
             if r.size == 0:
                 continue
             self.cosines.append(cosine_similarity(r, t))
-            self.pooled.update(r, t)
             self.largest_sample = max(self.largest_sample, int(r.size))
+            if r.size == 1:  # pooled only where it is the figure reported (not over [seq, vocab] logits)
+                self.pooled.update(r, t)
             d = r - t
             s, n = float(np.sum(r * r)), float(np.sum(d * d))
             self.sample_sqnr.append(sqnr_from_sums(s, n))
