@@ -38,6 +38,7 @@ from ortq.config import CalibrationConfig, QuantizationConfig
 from ortq.export import export
 from ortq.quantizer import ORTQuantizer
 from ortq.runtime import SessionSettings, create_session
+from ortq.validate.latency import fastest_alternated
 from ortq.validate.placement import inspect_placement
 
 THREADS = 2
@@ -170,17 +171,7 @@ def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> Path:
 
 def latency(paths: dict[str, Path], batch: np.ndarray, rounds: int) -> dict[str, float]:
     """min seconds per model, the models alternated in each round after one untimed warm-up run each."""
-    sessions = {k: session(p) for k, p in paths.items()}
-    feeds = {"pixel_values": batch}
-    for s in sessions.values():
-        s.run(None, feeds)
-    best = dict.fromkeys(sessions, float("inf"))
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+    return fastest_alternated({k: session(p) for k, p in paths.items()}, {"pixel_values": batch}, rounds)
 
 
 def fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

@@ -31,6 +31,7 @@ from ortq.config import CalibrationConfig, QuantizationConfig
 from ortq.errors import OrtqError
 from ortq.quantizer import ORTQuantizer
 from ortq.runtime import SessionSettings, create_session
+from ortq.validate.latency import fastest_alternated
 from ortq.validate.placement import inspect_placement
 
 THREADS = 2
@@ -49,15 +50,7 @@ def input_name(path: Path) -> str:
 
 def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
     sessions = {k: create_session(p, settings=SessionSettings(threads=THREADS)) for k, p in paths.items()}
-    for s in sessions.values():
-        s.run(None, feeds)
-    best = dict.fromkeys(sessions, float("inf"))
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+    return fastest_alternated(sessions, feeds, rounds)
 
 
 def run_model(path: Path, rounds: int, work: Path) -> dict:

@@ -46,6 +46,7 @@ from ortq.config import CalibrationConfig, QuantizationConfig
 from ortq.export import export
 from ortq.quantizer import ORTQuantizer
 from ortq.runtime import SessionSettings, create_session
+from ortq.validate.latency import fastest_alternated
 from ortq.validate.placement import inspect_placement
 
 THREADS = 2
@@ -152,16 +153,7 @@ def ort_quantize(fp32: Path, out: Path, calib: np.ndarray) -> Path:
 
 
 def latency(paths: dict[str, Path], batch: np.ndarray, rounds: int) -> dict[str, float]:
-    sessions = {k: session(p) for k, p in paths.items()}
-    for s in sessions.values():
-        s.run(None, {"frames": batch})
-    best = dict.fromkeys(sessions, float("inf"))
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"frames": batch})
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+    return fastest_alternated({k: session(p) for k, p in paths.items()}, {"frames": batch}, rounds)
 
 
 def agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

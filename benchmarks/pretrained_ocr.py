@@ -44,6 +44,7 @@ import onnxruntime as ort
 from ortq.config import CalibrationConfig, QuantizationConfig
 from ortq.quantizer import ORTQuantizer
 from ortq.runtime import SessionSettings, create_session
+from ortq.validate.latency import fastest_alternated
 from ortq.validate.placement import inspect_placement
 
 THREADS = 2
@@ -154,16 +155,7 @@ def ort_quantize(fp32: Path, out: Path, calib: np.ndarray) -> tuple[Path, bool]:
 
 
 def latency(models: dict[str, object], batch: np.ndarray, rounds: int) -> dict[str, float]:
-    sessions = {k: session(m) for k, m in models.items()}
-    for s in sessions.values():
-        s.run(None, {"x": batch})
-    best = dict.fromkeys(sessions, float("inf"))
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"x": batch})
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+    return fastest_alternated({k: session(m) for k, m in models.items()}, {"x": batch}, rounds)
 
 
 def quantize_all(fp32: Path, calib: np.ndarray, work: Path) -> tuple[dict[str, Path], dict]:

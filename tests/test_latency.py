@@ -59,3 +59,23 @@ def test_missing_input_is_a_data_error():
     with pytest.raises(CalibrationDataError, match="mask"):
         measure_latency(_FakeSession("R", log), _FakeSession("Q", log, ("x", "mask")), {"x": np.zeros(1)},
                         warmup_runs=1, runs=1)
+
+
+def test_fastest_alternated_warms_each_session_then_alternates_and_keeps_the_fastest(monkeypatch):
+    from ortq.validate import latency
+
+    clock, calls = [0.0], []
+
+    class Fake:  # each run advances a fake clock by its next duration
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, list(seconds)
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+            clock[0] += self.seconds.pop(0)
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+    best = latency.fastest_alternated({"a": Fake("a", [9, 2, 0.5, 3]), "b": Fake("b", [9, 1, 2, 1.5])},
+                                      {"x": np.zeros(1)}, rounds=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert best == {"a": 0.5, "b": 1.0}

@@ -11,7 +11,7 @@ import numpy as np
 
 from ortq.runtime import batch_size_of, feed_for
 
-__all__ = ["combine_latency", "measure_latency", "time_session"]
+__all__ = ["combine_latency", "fastest_alternated", "measure_latency", "time_session"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -63,6 +63,21 @@ def measure_latency(
         for which in order:
             times[which].append(timed(which))
     return combine_latency(n, warmup_runs, runs, {w: (first[w], warm[w], times[w]) for w in sessions})
+
+
+def fastest_alternated(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """The fastest of ``rounds`` runs of each session on ``feed``, in seconds, the sessions alternated in each
+    round (A B C, A B C, ...) after one untimed run each: the benchmarks' speed comparison of several variants
+    of one model."""
+    for s in sessions.values():
+        s.run(None, feed)
+    best = dict.fromkeys(sessions, float("inf"))
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
 
 
 def time_session(session, feed: Mapping[str, np.ndarray], *, warmup_runs: int, runs: int):
