@@ -104,6 +104,17 @@ def _constant_value(name: str, graph: onnx.GraphProto, producers: dict[str, onnx
         return None
 
 
+def _index(graph: onnx.GraphProto):
+    """``(producers, initializers, consumers, outputs)`` of ``graph``: the node writing each tensor, the
+    initializers by name, the nodes reading each tensor (once per read) and the graph outputs' names."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for v in n.input:
+            consumers.setdefault(v, []).append(n)
+    return ({o: n for n in graph.node for o in n.output}, {t.name: t for t in graph.initializer}, consumers,
+            {o.name for o in graph.output})
+
+
 def _names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name of ``graph`` (node inputs and outputs, initializers, graph inputs): what a new name
     must not be."""
@@ -198,13 +209,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     opset = default_opset(model) or 13
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for v in n.input:
-            consumers.setdefault(v, []).append(n)
-    outputs = {o.name for o in graph.output}
+    producers, inits, consumers, outputs = _index(graph)
     folded = []
     for pad in list(graph.node):
         if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in outputs:
@@ -301,13 +306,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     opset = default_opset(model) or 13
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for v in n.input:
-            readers[v] = readers.get(v, 0) + 1
-    outputs = {o.name for o in graph.output}
+    producers, inits, consumers, outputs = _index(graph)
     names = _names(graph)
     convs = ("Conv", "ConvTranspose")
     folded = []
@@ -317,7 +316,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else next(
             (producers[v] for v in bn.input if v in producers and producers[v].op_type in convs), None)
         if (conv is None or conv.op_type not in convs or conv.domain not in ("", "ai.onnx")
-                or readers.get(conv.output[0]) != 1 or conv.output[0] in outputs
+                or len(consumers.get(conv.output[0], [])) != 1 or conv.output[0] in outputs
                 or (conv.op_type == "ConvTranspose" and (_attr(conv, "group") or 1) != 1)):
             continue
         def const_of(name: str) -> np.ndarray | None:  # an initializer, or a chain of constants evaluated
